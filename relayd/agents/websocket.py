@@ -1,0 +1,116 @@
+"""The agent WebSocket endpoint, as a bare ASGI application.
+
+Agents are served without Quart: the route is on the hot path of every idle
+agent (memory per connection) and Quart's WebSocket wrapper cancels the
+handler's nursery on return and hides the disconnect message. Here the ASGI
+messages are adapted to the session's :class:`Transport` directly and the
+handler returns only when the session is over.
+
+A refused agent gets an HTTP 401/403 with ``{"error": ...}`` before the
+upgrade (the ASGI ``websocket.http.response`` extension, which Hypercorn
+implements), and a warning in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from relayd.agents.auth import AgentKeys, AgentRefusal
+from relayd.agents.session import AgentSession, SessionHost
+
+__all__ = ["AgentEndpoint", "AsgiTransport"]
+
+log = logging.getLogger("relayd.agents")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class AsgiTransport:
+    """The session's Transport over ASGI WebSocket messages."""
+
+    __slots__ = ("_closed", "_receive", "_send", "close_code")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._closed = False
+        self.close_code: int | None = None
+
+    async def receive(self) -> str | bytes | None:
+        while not self._closed:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                if text is not None:
+                    return str(text)
+                return bytes(message.get("bytes") or b"")
+            if kind == "websocket.disconnect":
+                self._closed = True
+                self.close_code = message.get("code")
+        return None
+
+    async def send(self, text: str) -> None:
+        if not self._closed:
+            await self._send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+class AgentEndpoint:
+    """``/client/register`` and ``/agent/<key>/client/register`` for WebSocket scopes."""
+
+    def __init__(self, host: SessionHost, keys: Callable[[], AgentKeys]) -> None:
+        self._host = host
+        self._keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        host = client[0] if client else None
+        remote = f"{client[0]}:{client[1]}" if client else "unix"
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        credential = self._keys().authenticate(
+            path=scope["path"],
+            query=scope.get("query_string", b""),
+            headers=scope.get("headers", []),
+            client_host=host,
+        )
+        if isinstance(credential, AgentRefusal):
+            log.warning(
+                "agent refused: status=%d reason=%s remote=%s",
+                credential.status,
+                credential.reason,
+                remote,
+            )
+            await self._deny(scope, send, credential)
+            return
+        await send({"type": "websocket.accept"})
+        session = AgentSession(
+            AsgiTransport(receive, send), self._host, credential=credential, remote=remote
+        )
+        await session.run()
+
+    @staticmethod
+    async def _deny(scope: Scope, send: Send, refusal: AgentRefusal) -> None:
+        body = json.dumps({"error": refusal.reason}).encode()
+        if "websocket.http.response" in scope.get("extensions", {}):
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            if refusal.status == 401:
+                headers.append((b"www-authenticate", b'Bearer realm="relayd agents"'))
+            await send(
+                {"type": "websocket.http.response.start", "status": refusal.status, "headers": headers}
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 1008})

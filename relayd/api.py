@@ -1,0 +1,335 @@
+"""The HTTP API: routes, authentication, and domain errors mapped to statuses.
+
+``create_app(state)`` returns the Quart-Trio application; it keeps no globals
+(everything comes from the :class:`~relayd.state.RelayState` passed in) and owns
+no agent lifetimes. Every answer, errors included, is JSON; every error is
+``{"error": "<text>"}`` with a status that says what happened.
+
+Bodies are parsed as JSON whatever the Content-Type says: the seed's clients
+(``curl -d``) send ``application/x-www-form-urlencoded``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from quart import Quart, Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from relayd import __version__
+from relayd.agents.auth import agent_key_from_path
+from relayd.agents.websocket import AgentEndpoint, Receive, Scope, Send
+from relayd.dispatch import Question
+from relayd.errors import (
+    AgentFailed,
+    AgentTimeout,
+    BadRequest,
+    ConversationAgentGone,
+    Forbidden,
+    NoAgent,
+    NotFound,
+    PayloadTooLarge,
+    QueueFull,
+    QueueTimeout,
+    RateLimited,
+    RelayError,
+    ShuttingDown,
+    Unauthorized,
+)
+from relayd.state import RelayState
+from relayd.users import User, UserStoreError
+
+__all__ = ["STATUS", "AsgiApp", "create_app", "create_asgi_app", "rfc3339"]
+
+log = logging.getLogger("relayd.api")
+
+AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+STATUS: dict[type[RelayError], int] = {
+    BadRequest: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    PayloadTooLarge: 413,
+    RateLimited: 429,
+    AgentFailed: 502,
+    NoAgent: 503,
+    QueueFull: 503,
+    QueueTimeout: 503,
+    ConversationAgentGone: 503,
+    ShuttingDown: 503,
+    AgentTimeout: 504,
+}
+
+
+def status_of(error: RelayError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def rfc3339(timestamp: float) -> str:
+    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def error_response(status: int, message: str, retry_after: float | None = None) -> Response:
+    response = Response(
+        json.dumps({"error": message}), status=status, content_type="application/json"
+    )
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, round(retry_after)))
+    return response
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    return Response(json.dumps(payload), status=status, content_type="application/json")
+
+
+async def read_json_object() -> dict[str, Any]:
+    """The request body as a JSON object, whatever the Content-Type.
+
+    Raises BadRequest (not JSON, not an object) or PayloadTooLarge.
+    """
+    try:
+        raw = await request.get_data(cache=False, as_text=False)
+    except HTTPException as error:
+        if error.code == 413:
+            raise PayloadTooLarge(
+                f"request body larger than server.max_body ({request.max_content_length} bytes)"
+            ) from None
+        raise
+    if not raw.strip():
+        raise BadRequest("the request body is empty; expected a JSON object")
+    try:
+        document = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not UTF-8") from None
+    except ValueError as error:
+        raise BadRequest(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return document
+
+
+def optional_string(document: dict[str, Any], name: str) -> str | None:
+    """A string field that may be absent, null or empty (all meaning "not given")."""
+    value = document.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string")
+    return value
+
+
+def presented_token() -> str | None:
+    """The ``Authorization`` header's token: raw (the seed's form) or ``Bearer``."""
+    header = request.headers.get("Authorization")
+    if not header:
+        return None
+    scheme, _, rest = header.partition(" ")
+    if scheme.lower() == "bearer" and rest.strip():
+        return rest.strip()
+    return header.strip()
+
+
+def create_app(state: RelayState) -> Quart:
+    """The API application for ``state``. See the module docstring."""
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = state.config.server.max_body
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+
+    def require_admin(document: dict[str, Any] | None = None) -> None:
+        """The admin key from ``Authorization: Bearer``, the body or the query."""
+        candidates = []
+        token = presented_token()
+        if token is not None:
+            candidates.append(token)
+        if document is not None and "admin_key" in document:
+            if not isinstance(document["admin_key"], str):
+                raise BadRequest("admin_key must be a string")
+            candidates.append(document["admin_key"])
+        if "admin_key" in request.args:
+            candidates.append(request.args["admin_key"])
+        if not candidates:
+            raise Unauthorized("the admin key is required")
+        if not any(state.admin.verify(candidate) for candidate in candidates):
+            raise Unauthorized("invalid admin key")
+
+    def authenticate_user() -> tuple[User | None, str]:
+        """(user, user id for logs) for a user token or the admin key."""
+        token = presented_token()
+        if token is None:
+            raise Unauthorized("missing Authorization header (a user token)")
+        user = state.users.authenticate(token)
+        if user is not None:
+            return user, user.user_id
+        if state.admin.verify(token):
+            return None, "admin"
+        raise Unauthorized("invalid token")
+
+    @app.errorhandler(RelayError)
+    async def relay_error(error: RelayError) -> Response:
+        status = status_of(error)
+        return error_response(status, error.message, error.retry_after)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        if status == 413:
+            message = f"request body larger than server.max_body ({state.config.server.max_body} bytes)"
+        elif status == 404:
+            message = f"no route {request.path}"
+        elif status == 405:
+            message = f"method {request.method} not allowed on {request.path}"
+        else:
+            message = error.description or error.name
+        response = error_response(status, message)
+        if status == 405 and error.get_headers():
+            for name, value in error.get_headers():
+                if name.lower() == "allow":
+                    response.headers["Allow"] = value
+        return response
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
+        return error_response(500, "internal error; see the relayd log")
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response("OK", content_type="text/plain")
+
+    @app.post("/api/ask")
+    async def ask() -> Response:
+        user, user_id = authenticate_user()
+        document = await read_json_object()
+        content = document.get("content")
+        if not isinstance(content, str) or not content:
+            raise BadRequest("content must be a non-empty string")
+        limit = state.config.requests.max_content
+        if len(content) > limit // 4 and len(content.encode("utf-8")) > limit:
+            raise PayloadTooLarge(f"content is larger than requests.max_content ({limit} bytes)")
+        question = Question(
+            content=content,
+            user_id=user_id,
+            conversation_id=optional_string(document, "conversation_id"),
+            parent_id=optional_string(document, "parent_id"),
+            is_admin=user is None,
+        )
+        try:
+            answer = await state.dispatcher.ask(question)
+        except RelayError as error:
+            log.info(
+                "request failed: status=%d reason=%s user=%s conversation=%s",
+                status_of(error),
+                error.message,
+                user_id,
+                question.conversation_id or "-",
+            )
+            raise
+        return json_response(
+            {
+                "id": answer.id,
+                "response_id": answer.response_id,
+                "conversation_id": answer.conversation_id,
+                "content": answer.content,
+                "error": "",
+            }
+        )
+
+    @app.get("/api/connections")
+    async def connections() -> Response:
+        require_admin()
+        dispatcher = state.dispatcher
+        listing = []
+        for session in dispatcher.pool:
+            listing.append(
+                {
+                    "Ws": {},
+                    "Id": session.agent_id,
+                    "Heartbeat": rfc3339(session.last_pong_at or session.connected_at),
+                    "LastMessageTime": rfc3339(session.last_message_at),
+                    "inflight": session.inflight,
+                    "capacity": session.capacity,
+                    "remote": session.remote,
+                    "connected_at": rfc3339(session.connected_at),
+                    "conversations": dispatcher.conversations.count_for(session.agent_id),
+                }
+            )
+        return json_response({"connections": listing})
+
+    @app.post("/admin/users/add")
+    async def add_user() -> Response:
+        document = await read_json_object()
+        require_admin(document)
+        name = optional_string(document, "name")
+        if name is not None and (len(name) > 200 or not name.isprintable()):
+            raise BadRequest("name must be printable and at most 200 characters")
+        try:
+            user, token, table = await _store_call(state, lambda: state.store.add(name))
+        except UserStoreError as error:
+            log.error("cannot add a user: %s", error)
+            raise
+        state.set_users(table)
+        log.info("user added: user=%s name=%s", user.user_id, name or "-")
+        return json_response({"user_id": user.user_id, "token": token, "name": name})
+
+    @app.post("/admin/users/delete")
+    async def delete_user() -> Response:
+        document = await read_json_object()
+        require_admin(document)
+        user_id = document.get("user_id")
+        if not isinstance(user_id, str) or not user_id:
+            raise BadRequest("user_id must be a non-empty string")
+        table = await _store_call(state, lambda: state.store.delete(user_id))
+        if table is None:
+            raise NotFound(f"no user {user_id}")
+        state.set_users(table)
+        log.info("user deleted: user=%s", user_id)
+        return json_response({"message": "User deleted"})
+
+    @app.get("/admin/users")
+    async def list_users() -> Response:
+        require_admin()
+        return json_response({"users": [user.public() for user in state.users.users]})
+
+    @app.get("/")
+    async def index() -> Response:
+        return json_response({"name": "relayd", "version": __version__})
+
+    return app
+
+
+async def _store_call(state: RelayState, operation: Any) -> Any:
+    """Run one users-file operation, one at a time in this process.
+
+    The write is a few milliseconds of blocking I/O (fsync); serialising the
+    daemon's own writers keeps the cross-process file lock uncontended.
+    """
+    async with state.store_lock:
+        await trio.lowlevel.checkpoint()
+        return operation()
+
+
+def create_asgi_app(state: RelayState) -> AsgiApp:
+    """The whole server: agent WebSockets served bare, everything else by Quart."""
+    quart_app = create_app(state)
+    agents = AgentEndpoint(state.dispatcher, lambda: state.agent_keys)
+
+    async def relayd_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and agent_key_from_path(scope["path"])[0]:
+            await agents(scope, receive, send)
+        else:
+            await quart_app(scope, receive, send)  # type: ignore[arg-type]
+
+    return relayd_app

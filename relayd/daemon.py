@@ -1,0 +1,211 @@
+"""The daemon's root nursery: Hypercorn, signals, the watchdog, systemd status.
+
+Task tree (everything has an owner; nothing outlives ``run``)::
+
+    run()
+    └─ root nursery
+       ├─ hypercorn.trio.serve (started with nursery.start → READY=1)
+       │  └─ per-connection tasks; agent sessions run inside their handlers
+       ├─ watchdog loop (only when systemd asked for one)
+       ├─ status loop (STATUS= when the numbers change)
+       └─ the signal loop, in run() itself: SIGHUP reload, SIGTERM/SIGINT stop
+
+The signal receiver stays open for the whole life of the process: were it
+closed during the drain, the default handler would be back and a second
+SIGTERM would kill the process in the middle of a write.
+
+Stopping: refuse new requests (503), answer queued ones with 503, let requests
+already at an agent finish for up to ``server.shutdown_grace``, then close the
+agent sockets with 1001, stop Hypercorn and return. A second signal, or a drain
+that overruns the grace by ``HARD_STOP_MARGIN`` (a peer that stops reading
+can block Hypercorn's shielded writes forever), ends the process at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import cast
+from dataclasses import dataclass
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from hypercorn.typing import ASGIFramework
+
+from relayd import logs
+from relayd.api import AsgiApp, create_asgi_app
+from relayd.config import Config, ConfigError, load_config
+from relayd.protocol import CloseCode
+from relayd.state import RelayState, Snapshot, load_agent_keys
+from relayd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
+from relayd.users import UserStoreError
+
+__all__ = ["HARD_STOP_MARGIN", "Daemon", "hypercorn_config"]
+
+log = logging.getLogger("relayd")
+
+HARD_STOP_MARGIN = 5.0
+STATUS_INTERVAL = 5.0
+# After the drain, what is left of a connection gets this long to finish.
+HYPERCORN_GRACE = 2.0
+
+
+def hypercorn_config(config: Config, binds: list[str]) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = binds
+    error_logger, _ = logs.hypercorn_loggers()
+    hc.errorlog = error_logger
+    hc.accesslog = None
+    hc.graceful_timeout = HYPERCORN_GRACE
+    hc.websocket_max_message_size = config.agents.max_message
+    hc.include_server_header = False
+    hc.h2_max_inbound_frame_size = 2**14
+    hc.keep_alive_timeout = 5.0
+    return hc
+
+
+@dataclass
+class Daemon:
+    """One run of the daemon, from binding to exit.
+
+    ``reload_config`` re-reads the configuration file with the command-line
+    overrides applied again; it raises ConfigError.
+    """
+
+    state: RelayState
+    reload_config: Callable[[], Config]
+    notifier: Notifier
+    environ: dict[str, str]
+
+    async def run(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as root:
+                stop_serving = trio.Event()
+                served = trio.Event()
+                binds = self._binds()
+                app = create_asgi_app(self.state)
+                hc = hypercorn_config(self.state.config, binds)
+                bound: list[str] = await root.start(self._serve, app, hc, stop_serving, served)
+                self.listening = ", ".join(bound)
+                log.info("relayd ready: listening on %s", self.listening)
+                self.notifier.ready(self._status())
+                interval = watchdog_interval(self.environ, os.getpid())
+                if interval is not None:
+                    log.info("systemd watchdog: pinging every %.1fs", interval)
+                    root.start_soon(watchdog_loop, self.notifier, interval)
+                root.start_soon(self._status_loop)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        self.reload()
+                        continue
+                    log.info("received %s, stopping", signal.Signals(signum).name)
+                    self.notifier.stopping()
+                    root.start_soon(self._hard_stop_timer, signals)
+                    await self._drain()
+                    stop_serving.set()
+                    break
+                await served.wait()
+                root.cancel_scope.cancel()
+        log.info("relayd stopped")
+
+    async def _serve(
+        self,
+        app: AsgiApp,
+        hc: HypercornConfig,
+        stop: trio.Event,
+        served: trio.Event,
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            # Our callable is a plain ASGI 3 app; Hypercorn's type is a union of its TypedDicts.
+            framework = cast("ASGIFramework", app)
+            await serve(framework, hc, shutdown_trigger=stop.wait, task_status=task_status)
+        finally:
+            served.set()
+
+    def _binds(self) -> list[str]:
+        inherited = listen_fds(self.environ, os.getpid(), unset_environment=True)
+        if inherited:
+            names = ", ".join(f"{fd.bind} ({fd.name})" for fd in inherited)
+            log.info("socket activation: serving on %s; server.listen is ignored", names)
+            return [fd.bind for fd in inherited]
+        return list(self.state.config.server.listen)
+
+    def _status(self) -> str:
+        stats = self.state.dispatcher.pool.statistics()
+        return (
+            f"listening on {getattr(self, 'listening', '?')}; {stats.connected} agents, "
+            f"{stats.inflight} requests in flight, {self.state.dispatcher.queued} queued"
+        )
+
+    async def _status_loop(self) -> None:
+        last = ""
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            text = self._status()
+            if text != last:
+                self.notifier.status(text)
+                last = text
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read config, users and agent keys; swap them in, or keep the old."""
+        self.notifier.reloading()
+        old = self.state.config
+        try:
+            config = self.reload_config()
+            users = self.state.store.load()
+            keys = load_agent_keys(config)
+        except (ConfigError, UserStoreError) as error:
+            log.error("reload failed, still running the previous configuration: %s", error)
+            self.notifier.ready(f"reload failed: {error}; {self._status()}")
+            return False
+        if config.server.listen != old.server.listen:
+            log.warning("server.listen changed; restart relayd to apply it")
+        if config.server.state_dir != old.server.state_dir:
+            log.warning("server.state_dir changed; restart relayd to apply it")
+        if config.agents.max_message > old.agents.max_message:
+            log.warning(
+                "agents.max_message was raised; frames above the old limit need a restart"
+            )
+        self.state.apply(Snapshot(config, users, keys))
+        logs.set_level(config.server.log_level)
+        log.info(
+            "reloaded %s: %d users, %d agent keys", config.source, len(users), len(keys)
+        )
+        self.notifier.ready(self._status())
+        return True
+
+    async def _drain(self) -> None:
+        dispatcher = self.state.dispatcher
+        grace = self.state.config.server.shutdown_grace
+        dispatcher.close()
+        with trio.move_on_after(grace):
+            await dispatcher.wait_idle()
+        left = dispatcher.abort_all()
+        if left:
+            log.warning("shutdown grace over: %d requests answered with 503", left)
+        for session in self.state.dispatcher.pool:
+            session.request_close(CloseCode.GOING_AWAY, "relayd is shutting down")
+
+    async def _hard_stop_timer(self, signals: AsyncIterator[int]) -> None:
+        """End the process if the drain overruns, or on a second signal."""
+        deadline = self.state.config.server.shutdown_grace + HYPERCORN_GRACE + HARD_STOP_MARGIN
+        with trio.move_on_after(deadline):
+            async for signum in signals:
+                if signum != signal.SIGHUP:
+                    log.warning("second %s: exiting now", signal.Signals(signum).name)
+                    _exit_now(1)
+            return
+        log.error("drain did not finish within %.0fs: exiting now", deadline)
+        _exit_now(1)
+
+
+def _exit_now(code: int) -> None:
+    """Leave without unwinding: only for a forced stop (the state files are
+    written atomically, so nothing is torn)."""
+    logging.shutdown()
+    os._exit(code)

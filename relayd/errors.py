@@ -1,0 +1,95 @@
+"""Domain errors shared by dispatch, the API and the CLI.
+
+They carry a text that is safe to show a client (never a secret) and, where it
+helps the client, how long to wait before trying again. Which HTTP status each
+one becomes is the API's business (``relayd.api.STATUS``), not theirs.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentFailed",
+    "AgentTimeout",
+    "BadRequest",
+    "ConversationAgentGone",
+    "Forbidden",
+    "NoAgent",
+    "NotFound",
+    "PayloadTooLarge",
+    "QueueFull",
+    "QueueTimeout",
+    "RateLimited",
+    "RelayError",
+    "ShuttingDown",
+    "Unauthorized",
+    "UnknownConversation",
+]
+
+
+class RelayError(Exception):
+    """A request failed for a reason the client may be told."""
+
+    default_message = "request failed"
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+        self.message = message or self.default_message
+        self.retry_after = retry_after
+        super().__init__(self.message)
+
+
+class BadRequest(RelayError):
+    default_message = "bad request"
+
+
+class PayloadTooLarge(RelayError):
+    default_message = "request body too large"
+
+
+class Unauthorized(RelayError):
+    default_message = "missing or invalid credentials"
+
+
+class Forbidden(RelayError):
+    default_message = "forbidden"
+
+
+class NotFound(RelayError):
+    default_message = "not found"
+
+
+class UnknownConversation(NotFound):
+    default_message = "unknown conversation_id"
+
+
+class RateLimited(RelayError):
+    default_message = "too many failed attempts; try again later"
+
+
+class NoAgent(RelayError):
+    """No agent is connected at all."""
+
+    default_message = "no agent connected"
+
+
+class QueueFull(RelayError):
+    default_message = "all agents are busy and the wait queue is full"
+
+
+class QueueTimeout(RelayError):
+    default_message = "all agents stayed busy for the whole queue timeout"
+
+
+class ConversationAgentGone(RelayError):
+    default_message = "the agent holding this conversation is not connected"
+
+
+class ShuttingDown(RelayError):
+    default_message = "relayd is shutting down"
+
+
+class AgentFailed(RelayError):
+    default_message = "the agent failed to answer"
+
+
+class AgentTimeout(RelayError):
+    default_message = "the agent did not answer in time"

@@ -1,0 +1,145 @@
+"""Where relayd finds its config file, its state directory and its admin key.
+
+Each ``find_*`` function takes the environment and the command-line values as
+arguments (no globals), applies the documented order, and says where the
+answer came from so that the log can tell the operator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relayd.config import DEFAULT_CONFIG_PATH, Config, ConfigError
+from relayd.users import atomic_write
+
+__all__ = [
+    "AdminKey",
+    "AdminKeyError",
+    "find_admin_key",
+    "find_config_path",
+    "find_state_dir",
+    "prepare_state_dir",
+]
+
+ADMIN_KEY_FILE = "admin_key"
+
+
+class AdminKeyError(Exception):
+    """The admin key cannot be read or created; the message names the file."""
+
+
+def find_config_path(
+    cli_path: Path | None, environ: Mapping[str, str], default: Path = DEFAULT_CONFIG_PATH
+) -> Path | None:
+    """``--config``, ``$RELAYD_CONFIG``, the default file if it exists, else None (defaults)."""
+    if cli_path is not None:
+        return cli_path
+    if environ.get("RELAYD_CONFIG"):
+        return Path(environ["RELAYD_CONFIG"])
+    if default.exists():
+        return default
+    return None
+
+
+def find_state_dir(cli_dir: Path | None, config: Config, environ: Mapping[str, str]) -> Path:
+    """The first of: ``--state-dir``, ``$RELAYD_STATE_DIR``, ``server.state_dir``,
+    ``$STATE_DIRECTORY`` (systemd; the first if it lists several),
+    ``$XDG_STATE_HOME/relayd``, ``~/.local/state/relayd``."""
+    if cli_dir is not None:
+        return cli_dir
+    if environ.get("RELAYD_STATE_DIR"):
+        return Path(environ["RELAYD_STATE_DIR"])
+    if config.server.state_dir is not None:
+        return config.server.state_dir
+    if environ.get("STATE_DIRECTORY"):
+        return Path(environ["STATE_DIRECTORY"].split(":")[0])
+    if environ.get("XDG_STATE_HOME"):
+        return Path(environ["XDG_STATE_HOME"]) / "relayd"
+    home = environ.get("HOME") or str(Path.home())
+    return Path(home) / ".local" / "state" / "relayd"
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Create the state directory (mode 0700) if it is missing.
+
+    Raises ConfigError naming the directory if it cannot be created or used.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create the state directory: {error.strerror}", source=str(path)) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError("the state directory is not writable", source=str(path))
+
+
+@dataclass(frozen=True)
+class AdminKey:
+    """The admin key, kept only as a digest, with where it came from."""
+
+    digest: bytes = field(repr=False)
+    source: str
+    generated: str | None = field(default=None, repr=False)  # set only when created just now
+
+    @classmethod
+    def of(cls, key: str, source: str, *, generated: bool = False) -> AdminKey:
+        return cls(_digest(key), source, key if generated else None)
+
+    def verify(self, candidate: str) -> bool:
+        """Constant-time: compares digests, so neither length nor prefix leaks."""
+        return hmac.compare_digest(_digest(candidate), self.digest)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        key = path.read_text("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not valid UTF-8"
+        raise AdminKeyError(f"{path}: cannot read the admin key: {reason}") from None
+    if not key:
+        raise AdminKeyError(f"{path}: the admin key file is empty")
+    return key
+
+
+def find_admin_key(
+    config: Config,
+    environ: Mapping[str, str],
+    state_dir: Path,
+    *,
+    cli_key: str | None = None,
+) -> AdminKey:
+    """The first of: ``$RELAYD_ADMIN_KEY``, ``auth.admin_key_file``,
+    ``$CREDENTIALS_DIRECTORY/admin_key``, the seed's positional argument,
+    ``<state_dir>/admin_key`` (generated there, mode 0600, on first start).
+
+    Raises AdminKeyError naming the file that could not be read or written.
+    """
+    if environ.get("RELAYD_ADMIN_KEY"):
+        return AdminKey.of(environ["RELAYD_ADMIN_KEY"], "$RELAYD_ADMIN_KEY")
+    if config.auth.admin_key_file is not None:
+        path = config.auth.admin_key_file
+        return AdminKey.of(_read_key_file(path), str(path))
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / ADMIN_KEY_FILE).exists():
+        path = Path(credentials) / ADMIN_KEY_FILE
+        return AdminKey.of(_read_key_file(path), f"credential {ADMIN_KEY_FILE} ({path})")
+    if cli_key:
+        return AdminKey.of(cli_key, "the command line")
+    path = state_dir / ADMIN_KEY_FILE
+    if path.exists():
+        return AdminKey.of(_read_key_file(path), str(path))
+    key = secrets.token_urlsafe(32)
+    try:
+        atomic_write(path, (key + "\n").encode())
+    except OSError as error:
+        raise AdminKeyError(f"{path}: cannot write a new admin key: {error.strerror}") from None
+    return AdminKey.of(key, str(path), generated=True)

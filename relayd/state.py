@@ -1,0 +1,80 @@
+"""The daemon's reloadable state: immutable snapshots swapped in one step.
+
+``RelayState`` holds the current :class:`~relayd.config.Config`, the user
+table, the admin key and the accepted agent keys. Each field is an immutable
+snapshot; a reload builds all the new snapshots first and then assigns them,
+so a request sees either the old state or the new one, and a failed reload
+leaves everything as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from relayd.agents.auth import AgentKeys
+from relayd.config import Config, read_keys_file
+from relayd.dispatch import Dispatcher
+from relayd.locate import AdminKey
+from relayd.protocol import CloseCode
+from relayd.users import UserStore, UserTable
+
+__all__ = ["RelayState", "Snapshot", "load_agent_keys"]
+
+log = logging.getLogger("relayd")
+
+
+def load_agent_keys(config: Config) -> AgentKeys:
+    """``agents.keys`` plus ``agents.keys_file``. Raises ConfigError for an unreadable file."""
+    keys = config.agents.keys
+    if config.agents.keys_file is not None:
+        keys = keys + read_keys_file(config.agents.keys_file)
+    return AgentKeys.of(keys, allow_loopback_without_key=config.agents.allow_loopback_without_key)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a reload replaces, built before it is swapped in."""
+
+    config: Config
+    users: UserTable
+    agent_keys: AgentKeys
+
+
+@dataclass
+class RelayState:
+    """Shared by the API, the agent endpoint and the daemon. Not a global: passed in."""
+
+    config: Config
+    users: UserTable
+    agent_keys: AgentKeys
+    admin: AdminKey
+    store: UserStore
+    state_dir: Path
+    config_path: Path | None = None
+    dispatcher: Dispatcher = field(init=False)
+    store_lock: trio.Lock = field(default_factory=trio.Lock)
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.dispatcher = Dispatcher(self.config)
+
+    def apply(self, snapshot: Snapshot) -> None:
+        """Swap in a reloaded snapshot; disconnect agents whose key is gone."""
+        self.config, self.users, self.agent_keys = (
+            snapshot.config,
+            snapshot.users,
+            snapshot.agent_keys,
+        )
+        self.dispatcher.apply_config(snapshot.config)
+        for session in self.dispatcher.pool:
+            if not snapshot.agent_keys.still_valid(session.credential):
+                log.warning("agent key revoked, disconnecting: %s", session)
+                session.request_close(CloseCode.POLICY_VIOLATION, "agent key revoked")
+
+    def set_users(self, users: UserTable) -> None:
+        self.users = users
