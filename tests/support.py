@@ -1,0 +1,158 @@
+"""Running a real relayd for tests: a subprocess on a loopback socket.
+
+The test binds the listening socket itself (127.0.0.1, port 0) and hands it to
+relayd as ``--listen fd://N``, so there is no race for a free port; relayd says
+it is ready through a real ``NOTIFY_SOCKET`` datagram socket, exactly as it
+tells systemd, so no test polls for readiness.
+
+Every wait here is bounded: a relayd that does not come up within
+``START_TIMEOUT`` fails the test with its log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 20.0
+ADMIN_KEY = "test-admin-key-0123456789"
+
+
+@dataclass
+class Relayd:
+    """A running relayd subprocess."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    state_dir: Path
+    log_path: Path
+    notify: socket.socket
+    admin_key: str = ADMIN_KEY
+    notifications: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def agent_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/client/register"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_notification(self, prefix: str, timeout: float = START_TIMEOUT) -> str:
+        """The next datagram containing a line that starts with ``prefix``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"no {prefix!r} notification within {timeout}s; got {self.notifications}\n"
+                    f"relayd log:\n{self.log}"
+                )
+            self.notify.settimeout(remaining)
+            try:
+                message = self.notify.recv(65536).decode()
+            except TimeoutError:
+                continue
+            self.notifications.append(message)
+            if any(line.startswith(prefix) for line in message.splitlines()):
+                return message
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"relayd did not stop within {timeout}s:\n{self.log}") from None
+        return self.process.returncode
+
+
+def relayd_command() -> list[str]:
+    return [sys.executable, "-m", "relayd"]
+
+
+def start_relayd(
+    tmp_path: Path,
+    *,
+    config: str | None = None,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    admin_key: str | None = ADMIN_KEY,
+    wait_ready: bool = True,
+) -> Relayd:
+    """Start ``relayd serve`` on a fresh loopback socket; wait for READY=1."""
+    state_dir = tmp_path / "state"
+    log_path = tmp_path / f"relayd-{time.monotonic_ns()}.log"
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    notify_path = tmp_path / f"notify-{time.monotonic_ns()}.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    command = [*relayd_command(), "serve", "--listen", f"fd://{listener.fileno()}"]
+    command += ["--state-dir", str(state_dir)]
+    if config is not None:
+        config_path = tmp_path / f"relayd-{time.monotonic_ns()}.toml"
+        config_path.write_text(config)
+        command += ["--config", str(config_path)]
+    command += list(args)
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RELAYD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "JOURNAL_"))
+    }
+    environment["NOTIFY_SOCKET"] = str(notify_path)
+    environment["RELAYD_CONFIG"] = str(tmp_path / "no-such-config.toml") if config is None else ""
+    if config is None:
+        environment.pop("RELAYD_CONFIG")
+    if admin_key is not None:
+        environment["RELAYD_ADMIN_KEY"] = admin_key
+    environment.update(env or {})
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            pass_fds=(listener.fileno(),),
+        )
+    listener.close()
+    relayd = Relayd(process, port, state_dir, log_path, notify, admin_key or "")
+    if wait_ready:
+        try:
+            relayd.wait_notification("READY=1")
+        except AssertionError:
+            process.kill()
+            process.wait()
+            raise
+    return relayd
+
+
+def stop_all(started: list[Relayd]) -> None:
+    """Fixture teardown: kill whatever a test left running."""
+    for relayd in started:
+        if relayd.process.poll() is None:
+            relayd.process.kill()
+            relayd.process.wait()
+        relayd.notify.close()
