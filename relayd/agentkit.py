@@ -13,6 +13,7 @@ sends the protocol's ``error`` reply with its text.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -82,10 +83,9 @@ async def serve_agent(
 
     async def send(text: str) -> None:
         async with send_lock:
-            try:
+            # On a close, the reader sees it and ends the session.
+            with contextlib.suppress(ConnectionClosed):
                 await ws.send_message(text)
-            except ConnectionClosed:
-                pass  # the reader sees the close and ends the session
 
     async def work(request: Request) -> None:
         stats.inflight += 1

@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 from relayd import __version__
 from relayd.agents.auth import agent_key_from_path
 from relayd.agents.websocket import AgentEndpoint, Receive, Scope, Send
+from relayd.config import Config
 from relayd.dispatch import Question
 from relayd.errors import (
     AgentFailed,
@@ -142,14 +143,43 @@ def presented_token() -> str | None:
     return header.strip()
 
 
+def redact_path(path: str) -> str:
+    """``/agent/<key>/...`` with the key hidden, for messages that echo a path."""
+    if path.startswith("/agent/"):
+        _, _, rest = path[len("/agent/") :].partition("/")
+        return "/agent/<key>/" + rest
+    return path
+
+
 def create_app(state: RelayState) -> Quart:
     """The API application for ``state``. See the module docstring."""
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = state.config.server.max_body
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
 
+    def on_reload(config: Config) -> None:
+        app.config["MAX_CONTENT_LENGTH"] = config.server.max_body
+
+    state.reload_hooks.append(on_reload)
+
+    def client_address() -> str:
+        return request.remote_addr or "unix"
+
+    def check_throttle() -> None:
+        """429 for an address that has failed authentication too often."""
+        wait = state.throttle.retry_after(client_address(), trio.current_time())
+        if wait is not None:
+            raise RateLimited(retry_after=wait)
+
+    def auth_failed(message: str) -> Unauthorized:
+        address = client_address()
+        state.throttle.failed(address, trio.current_time())
+        log.info("authentication failed: %s remote=%s path=%s", message, address, request.path)
+        return Unauthorized(message)
+
     def require_admin(document: dict[str, Any] | None = None) -> None:
         """The admin key from ``Authorization: Bearer``, the body or the query."""
+        check_throttle()
         candidates = []
         token = presented_token()
         if token is not None:
@@ -161,21 +191,22 @@ def create_app(state: RelayState) -> Quart:
         if "admin_key" in request.args:
             candidates.append(request.args["admin_key"])
         if not candidates:
-            raise Unauthorized("the admin key is required")
+            raise auth_failed("the admin key is required")
         if not any(state.admin.verify(candidate) for candidate in candidates):
-            raise Unauthorized("invalid admin key")
+            raise auth_failed("invalid admin key")
 
     def authenticate_user() -> tuple[User | None, str]:
         """(user, user id for logs) for a user token or the admin key."""
+        check_throttle()
         token = presented_token()
         if token is None:
-            raise Unauthorized("missing Authorization header (a user token)")
+            raise auth_failed("missing Authorization header (a user token)")
         user = state.users.authenticate(token)
         if user is not None:
             return user, user.user_id
         if state.admin.verify(token):
             return None, "admin"
-        raise Unauthorized("invalid token")
+        raise auth_failed("invalid token")
 
     @app.errorhandler(RelayError)
     async def relay_error(error: RelayError) -> Response:
@@ -186,11 +217,13 @@ def create_app(state: RelayState) -> Quart:
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
         if status == 413:
-            message = f"request body larger than server.max_body ({state.config.server.max_body} bytes)"
+            message = (
+                f"request body larger than server.max_body ({state.config.server.max_body} bytes)"
+            )
         elif status == 404:
-            message = f"no route {request.path}"
+            message = f"no route {redact_path(request.path)}"
         elif status == 405:
-            message = f"method {request.method} not allowed on {request.path}"
+            message = f"method {request.method} not allowed on {redact_path(request.path)}"
         else:
             message = error.description or error.name
         response = error_response(status, message)
@@ -202,7 +235,9 @@ def create_app(state: RelayState) -> Quart:
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
-        log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
+        log.error(
+            "unhandled error on %s %s", request.method, redact_path(request.path), exc_info=error
+        )
         return error_response(500, "internal error; see the relayd log")
 
     @app.get("/health")
@@ -324,7 +359,7 @@ async def _store_call(state: RelayState, operation: Any) -> Any:
 def create_asgi_app(state: RelayState) -> AsgiApp:
     """The whole server: agent WebSockets served bare, everything else by Quart."""
     quart_app = create_app(state)
-    agents = AgentEndpoint(state.dispatcher, lambda: state.agent_keys)
+    agents = AgentEndpoint(state.dispatcher, lambda: state.agent_keys, state.throttle)
 
     async def relayd_app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and agent_key_from_path(scope["path"])[0]:

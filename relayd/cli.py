@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--config",
             type=Path,
             metavar="PATH",
-            help="config file (default: $RELAYD_CONFIG, /etc/relayd/relayd.toml, built-in defaults)",
+            help="config file (default: $RELAYD_CONFIG, /etc/relayd/relayd.toml, else built-in)",
         )
         if state:
             sub.add_argument(
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         action="append",
         metavar="ADDR",
-        help="host:port, [v6]:port, unix:/path or fd://N; repeat for several (overrides server.listen)",
+        help="host:port, [v6]:port, unix:/path or fd://N; repeatable; overrides server.listen",
     )
 
     check = commands.add_parser("check-config", help="validate the config file and exit")
@@ -136,10 +136,15 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if args is not None:
         seed_key = args.admin_key
     else:
-        if not arguments or arguments[0].startswith("-") and arguments[0] not in (
-            "-h",
-            "--help",
-            "--version",
+        if (
+            not arguments
+            or (arguments[0].startswith("-")
+            and arguments[0]
+            not in (
+                "-h",
+                "--help",
+                "--version",
+            ))
         ):
             arguments.insert(0, "serve")
         args = build_parser().parse_args(arguments)
@@ -216,7 +221,9 @@ def serve(args: argparse.Namespace, environ: dict[str, str], seed_key: str | Non
     else:
         log.info("admin key from %s", admin.source)
     if not agent_keys and not config.agents.allow_loopback_without_key:
-        log.warning("no agent keys and agents.allow_loopback_without_key is false: no agent can connect")
+        log.warning(
+            "no agent keys and agents.allow_loopback_without_key is false: no agent can connect"
+        )
     elif not agent_keys:
         log.info("no agent keys configured: only agents on loopback can connect")
     config_path = find_config_path(getattr(args, "config", None), environ)
@@ -283,7 +290,9 @@ def users_command(args: argparse.Namespace, environ: dict[str, str]) -> int:
             else:
                 for user in table.users:
                     public = user.public()
-                    print(f"{public['user_id']}  {public['created']}  {public['name'] or ''}".rstrip())
+                    print(
+                        f"{public['user_id']}  {public['created']}  {public['name'] or ''}".rstrip()
+                    )
                 print(f"{len(table)} users in {store.path}", file=sys.stderr)
         elif args.users_command == "delete":
             if store.delete(args.user_id) is None:

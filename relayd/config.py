@@ -68,7 +68,7 @@ def parse_duration(text: str) -> float:
     """``"1.5s"`` → 1.5 seconds. Units: ms, s, m, h. Raises ValueError."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError(f"a duration such as \"500ms\", \"30s\", \"5m\" or \"24h\", got {text!r}")
+        raise ValueError(f'a duration such as "500ms", "30s", "5m" or "24h", got {text!r}')
     return float(match[1]) * _DURATION_UNITS[match[2]]
 
 
@@ -76,7 +76,7 @@ def parse_size(text: str) -> int:
     """``"1MiB"`` → 1048576 bytes. Units: B, KiB, MiB, GiB. Raises ValueError."""
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"a size such as \"512B\", \"256KiB\" or \"1MiB\", got {text!r}")
+        raise ValueError(f'a size such as "512B", "256KiB" or "1MiB", got {text!r}')
     return int(match[1]) * _SIZE_UNITS[match[2]]
 
 
@@ -125,7 +125,9 @@ def listen_address_problem(value: str) -> str | None:
     if value.startswith("unix:"):
         return None if len(value) > len("unix:") else f"a socket path after unix:, got {value!r}"
     if value.startswith("fd://"):
-        return None if value[5:].isdigit() else f"a file descriptor number after fd://, got {value!r}"
+        return (
+            None if value[5:].isdigit() else f"a file descriptor number after fd://, got {value!r}"
+        )
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         return f"host:port, [v6]:port or unix:/path, got {value!r}"
@@ -143,9 +145,12 @@ SCHEMA: Mapping[str, Mapping[str, Key]] = {
         "max_body": Key("size", "1MiB", minimum=1024, maximum=1024**3),
         "log_level": Key("level", "info"),
         "shutdown_grace": Key("duration", "30s", minimum=0, maximum=3600),
+        "idle_timeout": Key("duration", "10s", minimum=0.1, maximum=3600),
     },
     "auth": {
         "admin_key_file": Key("path", None, optional=True),
+        "failure_burst": Key("int", 10, minimum=1, maximum=1_000_000),
+        "failure_interval": Key("duration", "6s", minimum=0, maximum=86400),
     },
     "agents": {
         "keys": Key("str-list", ()),
@@ -184,11 +189,14 @@ class ServerConfig:
     max_body: int
     log_level: str
     shutdown_grace: float
+    idle_timeout: float
 
 
 @dataclass(frozen=True)
 class AuthConfig:
     admin_key_file: Path | None
+    failure_burst: int
+    failure_interval: float
 
 
 @dataclass(frozen=True)
@@ -289,7 +297,9 @@ def _convert(key: Key, value: Any) -> Any:
         result = value
     elif kind in ("str", "path", "level"):
         if not isinstance(value, str) or not value:
-            raise ValueError(f"a non-empty string, got {_type_name(value) if value != '' else 'an empty string'}")
+            raise ValueError(
+                f"a non-empty string, got {_type_name(value) if value != '' else 'an empty string'}"
+            )
         if kind == "level":
             if value.lower() not in LOG_LEVELS:
                 raise ValueError(f"one of {', '.join(LOG_LEVELS)}, got {value!r}")

@@ -27,17 +27,17 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
-from typing import cast
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
 from relayd import logs
 from relayd.api import AsgiApp, create_asgi_app
-from relayd.config import Config, ConfigError, load_config
+from relayd.config import Config, ConfigError
+from relayd.hypercorn_fixes import serve
 from relayd.protocol import CloseCode
 from relayd.state import RelayState, Snapshot, load_agent_keys
 from relayd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
@@ -63,7 +63,10 @@ def hypercorn_config(config: Config, binds: list[str]) -> HypercornConfig:
     hc.websocket_max_message_size = config.agents.max_message
     hc.include_server_header = False
     hc.h2_max_inbound_frame_size = 2**14
-    hc.keep_alive_timeout = 5.0
+    hc.keep_alive_timeout = config.server.idle_timeout
+    # Messages Hypercorn buffers for the app per connection (agent frames
+    # included) before it stops reading from the socket.
+    hc.max_app_queue_size = 16
     return hc
 
 
@@ -168,14 +171,10 @@ class Daemon:
         if config.server.state_dir != old.server.state_dir:
             log.warning("server.state_dir changed; restart relayd to apply it")
         if config.agents.max_message > old.agents.max_message:
-            log.warning(
-                "agents.max_message was raised; frames above the old limit need a restart"
-            )
+            log.warning("agents.max_message was raised; frames above the old limit need a restart")
         self.state.apply(Snapshot(config, users, keys))
         logs.set_level(config.server.log_level)
-        log.info(
-            "reloaded %s: %d users, %d agent keys", config.source, len(users), len(keys)
-        )
+        log.info("reloaded %s: %d users, %d agent keys", config.source, len(users), len(keys))
         self.notifier.ready(self._status())
         return True
 

@@ -341,9 +341,9 @@ class Dispatcher:
         return await self._wait(target, exclude, grace, ConversationAgentGone(retry_after=5))
 
     async def _wait(
-        self, target: str | None, exclude: frozenset[str], timeout: float, expired: Exception
+        self, target: str | None, exclude: frozenset[str], patience: float, expired: Exception
     ) -> AgentSession:
-        """Queue for a slot until ``timeout``; raises ``expired`` if none came."""
+        """Queue for a slot for ``patience`` seconds; raises ``expired`` if none came."""
         if self._queued >= self.config.requests.max_queue:
             log.warning("queue full: requests.max_queue=%d", self.config.requests.max_queue)
             raise QueueFull(retry_after=5)
@@ -353,7 +353,7 @@ class Dispatcher:
         self._queued += 1
         self._serve_free_agents(waiter)
         try:
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(patience):
                 await waiter.event.wait()
         except BaseException:
             if waiter.session is not None:

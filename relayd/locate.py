@@ -73,7 +73,9 @@ def prepare_state_dir(path: Path) -> None:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError(f"cannot create the state directory: {error.strerror}", source=str(path)) from None
+        raise ConfigError(
+            f"cannot create the state directory: {error.strerror}", source=str(path)
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError("the state directory is not writable", source=str(path))
 
@@ -110,6 +112,13 @@ def _read_key_file(path: Path) -> str:
     return key
 
 
+def _has_content(path: Path) -> bool:
+    try:
+        return bool(path.read_bytes().strip())
+    except OSError:
+        return False
+
+
 def find_admin_key(
     config: Config,
     environ: Mapping[str, str],
@@ -129,7 +138,9 @@ def find_admin_key(
         path = config.auth.admin_key_file
         return AdminKey.of(_read_key_file(path), str(path))
     credentials = environ.get("CREDENTIALS_DIRECTORY")
-    if credentials and (Path(credentials) / ADMIN_KEY_FILE).exists():
+    # The unit gives the credential an empty fallback (SetCredential=), because
+    # systemd 252 cannot make LoadCredential= optional: empty means "not set".
+    if credentials and _has_content(Path(credentials) / ADMIN_KEY_FILE):
         path = Path(credentials) / ADMIN_KEY_FILE
         return AdminKey.of(_read_key_file(path), f"credential {ADMIN_KEY_FILE} ({path})")
     if cli_key:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from relayd.config import Config, read_keys_file
 from relayd.dispatch import Dispatcher
 from relayd.locate import AdminKey
 from relayd.protocol import CloseCode
+from relayd.throttle import FailureThrottle
 from relayd.users import UserStore, UserTable
 
 __all__ = ["RelayState", "Snapshot", "load_agent_keys"]
@@ -58,10 +60,16 @@ class RelayState:
     config_path: Path | None = None
     dispatcher: Dispatcher = field(init=False)
     store_lock: trio.Lock = field(default_factory=trio.Lock)
+    reload_hooks: list[Callable[[Config], None]] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
+
+    throttle: FailureThrottle = field(init=False)
 
     def __post_init__(self) -> None:
         self.dispatcher = Dispatcher(self.config)
+        self.throttle = FailureThrottle(
+            burst=self.config.auth.failure_burst, interval=self.config.auth.failure_interval
+        )
 
     def apply(self, snapshot: Snapshot) -> None:
         """Swap in a reloaded snapshot; disconnect agents whose key is gone."""
@@ -71,6 +79,11 @@ class RelayState:
             snapshot.agent_keys,
         )
         self.dispatcher.apply_config(snapshot.config)
+        self.throttle.configure(
+            burst=snapshot.config.auth.failure_burst, interval=snapshot.config.auth.failure_interval
+        )
+        for hook in self.reload_hooks:
+            hook(snapshot.config)
         for session in self.dispatcher.pool:
             if not snapshot.agent_keys.still_valid(session.credential):
                 log.warning("agent key revoked, disconnecting: %s", session)

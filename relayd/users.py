@@ -236,7 +236,9 @@ class UserStore:
         except OSError as error:
             raise UserStoreError(f"{self.path}: cannot write: {error.strerror}") from None
 
-    def add(self, name: str | None = None, *, token: str | None = None) -> tuple[User, str, UserTable]:
+    def add(
+        self, name: str | None = None, *, token: str | None = None
+    ) -> tuple[User, str, UserTable]:
         """Create a user; returns it, its token (the only time it is known) and the new table."""
         token = token if token is not None else new_token()
         with self._locked():

@@ -68,7 +68,12 @@ class AgentKeys:
         return len(self.digests)
 
     def authenticate(
-        self, *, path: str, query: bytes, headers: list[tuple[bytes, bytes]], client_host: str | None
+        self,
+        *,
+        path: str,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        client_host: str | None,
     ) -> str | AgentRefusal:
         """The credential of a connecting agent, or why it is refused."""
         _, key = agent_key_from_path(path)
@@ -96,7 +101,9 @@ class AgentKeys:
         if self.allow_loopback_without_key and is_loopback(client_host):
             return LOOPBACK
         if is_loopback(client_host):
-            return AgentRefusal(401, "an agent key is required (agents.allow_loopback_without_key is false)")
+            return AgentRefusal(
+                401, "an agent key is required (agents.allow_loopback_without_key is false)"
+            )
         return AgentRefusal(401, "an agent key is required")
 
     def still_valid(self, credential: str) -> bool:

@@ -261,7 +261,9 @@ class AgentSession:
                     "agent connected: %s remote=%s%s",
                     self,
                     self.remote,
-                    " (reclaimed its id)" if hello.is_reclaim and self.agent_id == hello.connection_id else "",
+                    " (reclaimed its id)"
+                    if hello.is_reclaim and self.agent_id == hello.connection_id
+                    else "",
                 )
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_loop)
@@ -327,9 +329,7 @@ class AgentSession:
                     return self._close_reason
         self._close_code = CloseCode.GOING_AWAY
         self._close_reason = "heartbeat timeout"
-        log.warning(
-            "agent silent for %.1fs, dropping it: %s", settings.heartbeat_timeout, self
-        )
+        log.warning("agent silent for %.1fs, dropping it: %s", settings.heartbeat_timeout, self)
         return "heartbeat timeout"
 
     def _handle(self, message: str | bytes) -> bool:
@@ -383,4 +383,3 @@ class AgentSession:
             # Hypercorn's send returns without a checkpoint once the peer has
             # gone; make sure this loop can never spin without yielding.
             await trio.lowlevel.checkpoint()
-

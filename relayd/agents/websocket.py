@@ -18,8 +18,11 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import trio
+
 from relayd.agents.auth import AgentKeys, AgentRefusal
 from relayd.agents.session import AgentSession, SessionHost
+from relayd.throttle import FailureThrottle
 
 __all__ = ["AgentEndpoint", "AsgiTransport"]
 
@@ -69,9 +72,12 @@ class AsgiTransport:
 class AgentEndpoint:
     """``/client/register`` and ``/agent/<key>/client/register`` for WebSocket scopes."""
 
-    def __init__(self, host: SessionHost, keys: Callable[[], AgentKeys]) -> None:
+    def __init__(
+        self, host: SessionHost, keys: Callable[[], AgentKeys], throttle: FailureThrottle
+    ) -> None:
         self._host = host
         self._keys = keys
+        self._throttle = throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")
@@ -80,6 +86,12 @@ class AgentEndpoint:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
+        address = host or "unix"
+        wait = self._throttle.retry_after(address, trio.current_time())
+        if wait is not None:
+            log.warning("agent refused: too many failed attempts remote=%s", remote)
+            await self._deny(scope, send, AgentRefusal(429, "too many failed attempts"), wait)
+            return
         credential = self._keys().authenticate(
             path=scope["path"],
             query=scope.get("query_string", b""),
@@ -87,6 +99,7 @@ class AgentEndpoint:
             client_host=host,
         )
         if isinstance(credential, AgentRefusal):
+            self._throttle.failed(address, trio.current_time())
             log.warning(
                 "agent refused: status=%d reason=%s remote=%s",
                 credential.status,
@@ -102,14 +115,25 @@ class AgentEndpoint:
         await session.run()
 
     @staticmethod
-    async def _deny(scope: Scope, send: Send, refusal: AgentRefusal) -> None:
+    async def _deny(
+        scope: Scope, send: Send, refusal: AgentRefusal, retry_after: float | None = None
+    ) -> None:
         body = json.dumps({"error": refusal.reason}).encode()
         if "websocket.http.response" in scope.get("extensions", {}):
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
             if refusal.status == 401:
                 headers.append((b"www-authenticate", b'Bearer realm="relayd agents"'))
+            if retry_after is not None:
+                headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
             await send(
-                {"type": "websocket.http.response.start", "status": refusal.status, "headers": headers}
+                {
+                    "type": "websocket.http.response.start",
+                    "status": refusal.status,
+                    "headers": headers,
+                }
             )
             await send({"type": "websocket.http.response.body", "body": body})
         else:

@@ -1,0 +1,170 @@
+"""Hypercorn's trio worker, with the fixes relayd needs to face the internet.
+
+Everything here reaches into Hypercorn internals (``TCPServer``, ``Lifespan``,
+``WorkerContext``), so the Hypercorn version range is pinned in
+pyproject.toml and each fix has a regression test (tests/test_hostile.py).
+:func:`serve` replaces ``hypercorn.trio.serve`` for plain-TCP and Unix
+listeners (relayd does not terminate TLS itself). What it fixes:
+
+1. **One bad request killed the process.** A WebSocket upgrade request with
+   bytes after the headers gets a 400, then an h11 ``LocalProtocolError``
+   escapes the connection task, the server nursery and ``serve()``
+   (pgjones/hypercorn#225). :class:`GuardedTCPServer` confines any error of
+   a connection to that connection: logged, the socket closed, the daemon
+   serving on.
+2. **Idle keep-alive connections were never closed.** Hypercorn restarts its
+   idle timer from the app's task when a response ends; under Quart-Trio that
+   task's nursery is already cancelled, so the timer never starts and an idle
+   connection stays open forever. Here idleness is recorded synchronously and
+   watched by a task the connection owns: a connection idle (no request under
+   way) for ``keep_alive_timeout`` is closed, including one that never
+   completes its first request's headers.
+3. **A peer that stops reading blocked a write forever.** Hypercorn shields
+   each socket write from cancellation; a write that does not finish within
+   :data:`WRITE_TIMEOUT` now gives up and closes the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState, LifespanState
+from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+
+__all__ = ["WRITE_TIMEOUT", "GuardedTCPServer", "serve"]
+
+log = logging.getLogger("relayd.server")
+
+# A peer must accept a write within this time or lose its connection.
+WRITE_TIMEOUT = 30.0
+
+
+class GuardedTCPServer(TCPServer):
+    """One connection: errors confined, idle time bounded, writes bounded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A new connection is idle until its first request starts.
+        self._idle_since: float | None = trio.current_time()
+        self._idle_changed = trio.Event()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_idle)
+            try:
+                await super().run()
+            except Exception as error:  # isolation boundary: one connection
+                log.warning(
+                    "connection error, closing it: %s: %s",
+                    type(error).__name__,
+                    error,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(self.stream)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            # Record only: restarting Hypercorn's idle task from here fails when
+            # the calling task (the app's) is being cancelled.
+            self._idle_since = trio.current_time() if event.idle else None
+            self._idle_changed.set()
+            self._idle_changed = trio.Event()
+            return
+        if isinstance(event, RawData):
+            async with self.send_lock:
+                try:
+                    with trio.CancelScope(shield=True) as scope:
+                        scope.deadline = trio.current_time() + WRITE_TIMEOUT
+                        await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.protocol.handle(Closed())
+                    return
+                if scope.cancelled_caught:
+                    log.info(
+                        "peer stopped reading for %.0fs, closing its connection", WRITE_TIMEOUT
+                    )
+                    await trio.aclose_forcefully(self.stream)
+                    await self.protocol.handle(Closed())
+            return
+        await super().protocol_send(event)
+
+    async def _watch_idle(self) -> None:
+        timeout = self.config.keep_alive_timeout
+        while True:
+            changed = self._idle_changed
+            deadline = math.inf if self._idle_since is None else self._idle_since + timeout
+            with trio.move_on_at(deadline):
+                await changed.wait()
+                continue
+            if self._idle_since is not None:
+                with trio.CancelScope(shield=True):
+                    await self._initiate_server_close()
+                return
+
+
+async def serve(
+    app: ASGIFramework,
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` like ``hypercorn.trio.serve``, with :class:`GuardedTCPServer`.
+
+    ``task_status.started(binds)`` once every socket listens; returns after a
+    graceful shutdown (``shutdown_trigger`` returned, then up to
+    ``config.graceful_timeout`` for open connections).
+    """
+    wrapped: AppWrapper = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            sockets = config.create_sockets()
+            listeners = []
+            binds = []
+            for sock in sockets.insecure_sockets:
+                sock.listen(config.backlog)
+                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            if sockets.secure_sockets or sockets.quic_sockets:
+                raise ValueError("relayd serves plain HTTP; terminate TLS in front of it")
+            task_status.started(binds)
+            handler = partial(
+                GuardedTCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
+            )
+            try:
+                async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                    nursery.start_soon(raise_shutdown, shutdown_trigger)
+                    nursery.start_soon(raise_shutdown, context.terminate.wait)
+                    nursery.start_soon(
+                        partial(
+                            trio.serve_listeners, handler, listeners, handler_nursery=server_nursery
+                        )
+                    )
+                    await trio.sleep_forever()
+            except BaseExceptionGroup as error:
+                _, others = error.split((ShutdownError, KeyboardInterrupt))
+                if others is not None:
+                    raise others from None
+            finally:
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
