@@ -1,6 +1,8 @@
 """The HTTP API: routes, authentication, and domain errors mapped to statuses.
 
-``create_app(state)`` returns the Quart-Trio application; it keeps no globals
+``create_asgi_app(state)`` is the whole server: the hot paths (``/api/ask``,
+agent WebSockets) are bare ASGI endpoints, the rest is the Quart-Trio
+application of ``create_app(state)``. Neither keeps globals
 (everything comes from the :class:`~relayd.state.RelayState` passed in) and owns
 no agent lifetimes. Every answer, errors included, is JSON; every error is
 ``{"error": "<text>"}`` with a status that says what happened.
@@ -11,7 +13,6 @@ Bodies are parsed as JSON whatever the Content-Type says: the seed's clients
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,26 +26,22 @@ from werkzeug.exceptions import HTTPException
 from relayd import __version__
 from relayd.agents.auth import agent_key_from_path
 from relayd.agents.websocket import AgentEndpoint, Receive, Scope, Send
+from relayd.ask import AskEndpoint
 from relayd.config import Config
-from relayd.dispatch import Question
-from relayd.errors import (
-    AgentFailed,
-    AgentTimeout,
-    BadRequest,
-    ConversationAgentGone,
-    Forbidden,
-    NoAgent,
-    NotFound,
-    PayloadTooLarge,
-    QueueFull,
-    QueueTimeout,
-    RateLimited,
-    RelayError,
-    ShuttingDown,
-    Unauthorized,
-)
+from relayd.errors import BadRequest, NotFound, PayloadTooLarge, RelayError
 from relayd.state import RelayState
-from relayd.users import User, UserStoreError
+from relayd.users import UserStoreError
+from relayd.web import (
+    STATUS,
+    Gate,
+    error_body,
+    optional_string,
+    parse_json_object,
+    redact_path,
+    rfc3339,
+    status_of,
+    token_from_header,
+)
 
 __all__ = ["STATUS", "AsgiApp", "create_app", "create_asgi_app", "rfc3339"]
 
@@ -52,39 +49,9 @@ log = logging.getLogger("relayd.api")
 
 AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-STATUS: dict[type[RelayError], int] = {
-    BadRequest: 400,
-    Unauthorized: 401,
-    Forbidden: 403,
-    NotFound: 404,
-    PayloadTooLarge: 413,
-    RateLimited: 429,
-    AgentFailed: 502,
-    NoAgent: 503,
-    QueueFull: 503,
-    QueueTimeout: 503,
-    ConversationAgentGone: 503,
-    ShuttingDown: 503,
-    AgentTimeout: 504,
-}
-
-
-def status_of(error: RelayError) -> int:
-    for cls in type(error).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
-
-
-def rfc3339(timestamp: float) -> str:
-    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> Response:
-    response = Response(
-        json.dumps({"error": message}), status=status, content_type="application/json"
-    )
+    response = Response(error_body(message), status=status, content_type="application/json")
     if retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(retry_after)))
     return response
@@ -107,48 +74,7 @@ async def read_json_object() -> dict[str, Any]:
                 f"request body larger than server.max_body ({request.max_content_length} bytes)"
             ) from None
         raise
-    if not raw.strip():
-        raise BadRequest("the request body is empty; expected a JSON object")
-    try:
-        document = json.loads(raw)
-    except UnicodeDecodeError:
-        raise BadRequest("the request body is not UTF-8") from None
-    except ValueError as error:
-        raise BadRequest(f"the request body is not valid JSON: {error}") from None
-    except RecursionError:
-        raise BadRequest("the request body is nested too deeply") from None
-    if not isinstance(document, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return document
-
-
-def optional_string(document: dict[str, Any], name: str) -> str | None:
-    """A string field that may be absent, null or empty (all meaning "not given")."""
-    value = document.get(name)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string")
-    return value
-
-
-def presented_token() -> str | None:
-    """The ``Authorization`` header's token: raw (the seed's form) or ``Bearer``."""
-    header = request.headers.get("Authorization")
-    if not header:
-        return None
-    scheme, _, rest = header.partition(" ")
-    if scheme.lower() == "bearer" and rest.strip():
-        return rest.strip()
-    return header.strip()
-
-
-def redact_path(path: str) -> str:
-    """``/agent/<key>/...`` with the key hidden, for messages that echo a path."""
-    if path.startswith("/agent/"):
-        _, _, rest = path[len("/agent/") :].partition("/")
-        return "/agent/<key>/" + rest
-    return path
+    return parse_json_object(raw if isinstance(raw, bytes) else raw.encode())
 
 
 def create_app(state: RelayState) -> Quart:
@@ -162,26 +88,12 @@ def create_app(state: RelayState) -> Quart:
 
     state.reload_hooks.append(on_reload)
 
-    def client_address() -> str:
-        return request.remote_addr or "unix"
-
-    def check_throttle() -> None:
-        """429 for an address that has failed authentication too often."""
-        wait = state.throttle.retry_after(client_address(), trio.current_time())
-        if wait is not None:
-            raise RateLimited(retry_after=wait)
-
-    def auth_failed(message: str) -> Unauthorized:
-        address = client_address()
-        state.throttle.failed(address, trio.current_time())
-        log.info("authentication failed: %s remote=%s path=%s", message, address, request.path)
-        return Unauthorized(message)
+    gate = Gate(state)
 
     def require_admin(document: dict[str, Any] | None = None) -> None:
         """The admin key from ``Authorization: Bearer``, the body or the query."""
-        check_throttle()
         candidates = []
-        token = presented_token()
+        token = token_from_header(request.headers.get("Authorization"))
         if token is not None:
             candidates.append(token)
         if document is not None and "admin_key" in document:
@@ -190,23 +102,7 @@ def create_app(state: RelayState) -> Quart:
             candidates.append(document["admin_key"])
         if "admin_key" in request.args:
             candidates.append(request.args["admin_key"])
-        if not candidates:
-            raise auth_failed("the admin key is required")
-        if not any(state.admin.verify(candidate) for candidate in candidates):
-            raise auth_failed("invalid admin key")
-
-    def authenticate_user() -> tuple[User | None, str]:
-        """(user, user id for logs) for a user token or the admin key."""
-        check_throttle()
-        token = presented_token()
-        if token is None:
-            raise auth_failed("missing Authorization header (a user token)")
-        user = state.users.authenticate(token)
-        if user is not None:
-            return user, user.user_id
-        if state.admin.verify(token):
-            return None, "admin"
-        raise auth_failed("invalid token")
+        gate.admin(candidates, request.remote_addr or "unix", request.path)
 
     @app.errorhandler(RelayError)
     async def relay_error(error: RelayError) -> Response:
@@ -243,44 +139,6 @@ def create_app(state: RelayState) -> Quart:
     @app.get("/health")
     async def health() -> Response:
         return Response("OK", content_type="text/plain")
-
-    @app.post("/api/ask")
-    async def ask() -> Response:
-        user, user_id = authenticate_user()
-        document = await read_json_object()
-        content = document.get("content")
-        if not isinstance(content, str) or not content:
-            raise BadRequest("content must be a non-empty string")
-        limit = state.config.requests.max_content
-        if len(content) > limit // 4 and len(content.encode("utf-8")) > limit:
-            raise PayloadTooLarge(f"content is larger than requests.max_content ({limit} bytes)")
-        question = Question(
-            content=content,
-            user_id=user_id,
-            conversation_id=optional_string(document, "conversation_id"),
-            parent_id=optional_string(document, "parent_id"),
-            is_admin=user is None,
-        )
-        try:
-            answer = await state.dispatcher.ask(question)
-        except RelayError as error:
-            log.info(
-                "request failed: status=%d reason=%s user=%s conversation=%s",
-                status_of(error),
-                error.message,
-                user_id,
-                question.conversation_id or "-",
-            )
-            raise
-        return json_response(
-            {
-                "id": answer.id,
-                "response_id": answer.response_id,
-                "conversation_id": answer.conversation_id,
-                "content": answer.content,
-                "error": "",
-            }
-        )
 
     @app.get("/api/connections")
     async def connections() -> Response:
@@ -357,12 +215,18 @@ async def _store_call(state: RelayState, operation: Any) -> Any:
 
 
 def create_asgi_app(state: RelayState) -> AsgiApp:
-    """The whole server: agent WebSockets served bare, everything else by Quart."""
+    """The whole server: ``/api/ask`` and agent WebSockets served bare (the hot
+    paths), everything else by Quart."""
     quart_app = create_app(state)
     agents = AgentEndpoint(state.dispatcher, lambda: state.agent_keys, state.throttle)
 
+    ask = AskEndpoint(state)
+
     async def relayd_app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and agent_key_from_path(scope["path"])[0]:
+        kind = scope["type"]
+        if kind == "http" and scope["path"] == "/api/ask":
+            await ask(scope, receive, send)
+        elif kind == "websocket" and agent_key_from_path(scope["path"])[0]:
             await agents(scope, receive, send)
         else:
             await quart_app(scope, receive, send)  # type: ignore[arg-type]

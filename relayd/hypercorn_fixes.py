@@ -14,11 +14,11 @@ listeners (relayd does not terminate TLS itself). What it fixes:
    serving on.
 2. **Idle keep-alive connections were never closed.** Hypercorn restarts its
    idle timer from the app's task when a response ends; under Quart-Trio that
-   task's nursery is already cancelled, so the timer never starts and an idle
-   connection stays open forever. Here idleness is recorded synchronously and
-   watched by a task the connection owns: a connection idle (no request under
-   way) for ``keep_alive_timeout`` is closed, including one that never
-   completes its first request's headers.
+   task's nursery is already cancelled, so starting the timer raises
+   Cancelled, the timer never runs and an idle connection stays open forever.
+   Here the timer's restart and stop are shielded, so a connection idle (no
+   request under way) for ``keep_alive_timeout`` is closed, as is one that
+   never completes its first request's headers.
 3. **A peer that stops reading blocked a write forever.** Hypercorn shields
    each socket write from cancellation; a write that does not finish within
    :data:`WRITE_TIMEOUT` now gives up and closes the connection.
@@ -27,10 +27,8 @@ listeners (relayd does not terminate TLS itself). What it fixes:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -52,36 +50,24 @@ WRITE_TIMEOUT = 30.0
 class GuardedTCPServer(TCPServer):
     """One connection: errors confined, idle time bounded, writes bounded."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # A new connection is idle until its first request starts.
-        self._idle_since: float | None = trio.current_time()
-        self._idle_changed = trio.Event()
-
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_idle)
-            try:
-                await super().run()
-            except Exception as error:  # isolation boundary: one connection
-                log.warning(
-                    "connection error, closing it: %s: %s",
-                    type(error).__name__,
-                    error,
-                    exc_info=log.isEnabledFor(logging.DEBUG),
-                )
-                with trio.CancelScope(shield=True):
-                    await trio.aclose_forcefully(self.stream)
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            await super().run()
+        except Exception as error:  # isolation boundary: one connection
+            log.warning(
+                "connection error, closing it: %s: %s",
+                type(error).__name__,
+                error,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, Updated):
-            # Record only: restarting Hypercorn's idle task from here fails when
-            # the calling task (the app's) is being cancelled.
-            self._idle_since = trio.current_time() if event.idle else None
-            self._idle_changed.set()
-            self._idle_changed = trio.Event()
+            # Sent from the app's task, which may already be cancelled.
+            with trio.CancelScope(shield=True):
+                await super().protocol_send(event)
             return
         if isinstance(event, RawData):
             async with self.send_lock:
@@ -100,19 +86,6 @@ class GuardedTCPServer(TCPServer):
                     await self.protocol.handle(Closed())
             return
         await super().protocol_send(event)
-
-    async def _watch_idle(self) -> None:
-        timeout = self.config.keep_alive_timeout
-        while True:
-            changed = self._idle_changed
-            deadline = math.inf if self._idle_since is None else self._idle_since + timeout
-            with trio.move_on_at(deadline):
-                await changed.wait()
-                continue
-            if self._idle_since is not None:
-                with trio.CancelScope(shield=True):
-                    await self._initiate_server_close()
-                return
 
 
 async def serve(

@@ -112,7 +112,10 @@ class AgentEndpoint:
         session = AgentSession(
             AsgiTransport(receive, send), self._host, credential=credential, remote=remote
         )
-        await session.run()
+        try:
+            await session.run()
+        except Exception:  # isolation boundary: one agent session, never the daemon
+            log.exception("agent session failed: %s remote=%s", session, remote)
 
     @staticmethod
     async def _deny(

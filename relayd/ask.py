@@ -1,0 +1,162 @@
+"""``POST /api/ask`` as a bare ASGI endpoint: the relay's hot path.
+
+Every client request passes here, so it skips Quart's request and response
+machinery (a measured share of the relay's CPU; see the README's Performance
+section) and speaks ASGI directly. It keeps the API's contract: the body is
+JSON whatever the Content-Type, every error is ``{"error": ...}`` with the
+status of :data:`relayd.web.STATUS`, credentials go through the same
+:class:`~relayd.web.Gate` as the Quart routes.
+
+While the relay waits for an agent, a small task watches for the client's
+disconnect; when it comes, the request is abandoned (cancelled) at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import trio
+
+from relayd.agents.websocket import Receive, Scope, Send
+from relayd.dispatch import Answer, Question
+from relayd.errors import BadRequest, PayloadTooLarge, RelayError
+from relayd.state import RelayState
+from relayd.web import Gate, error_body, optional_string, parse_json_object, status_of
+
+__all__ = ["AskEndpoint"]
+
+log = logging.getLogger("relayd.api")
+
+_JSON = (b"content-type", b"application/json")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request was complete."""
+
+
+class AskEndpoint:
+    """The ASGI application for ``/api/ask`` (HTTP scopes only)."""
+
+    def __init__(self, state: RelayState) -> None:
+        self._state = state
+        self._gate = Gate(state)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            body = error_body(f"method {scope['method']} not allowed on /api/ask")
+            await _respond(send, 405, body, [(b"allow", b"POST")])
+            return
+        client = scope.get("client")
+        address = client[0] if client else "unix"
+        authorization = None
+        declared: int | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"content-length" and value.isdigit():
+                declared = int(value)
+        user_id = "-"
+        conversation_id = "-"
+        try:
+            user, user_id = self._gate.user(authorization, address, "/api/ask")
+            raw = await self._read_body(receive, declared)
+            question = self._question(parse_json_object(raw), user_id, is_admin=user is None)
+            conversation_id = question.conversation_id or "-"
+            answer = await self._ask(question, receive)
+        except _ClientGone:
+            log.debug("client went away, request abandoned: user=%s", user_id)
+            return
+        except RelayError as error:
+            status = status_of(error)
+            log.info(
+                "request failed: status=%d reason=%s user=%s conversation=%s",
+                status,
+                error.message,
+                user_id,
+                conversation_id,
+            )
+            extra = []
+            if error.retry_after is not None:
+                extra.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+            await _respond(send, status, error_body(error.message), extra)
+            return
+        body = json.dumps(
+            {
+                "id": answer.id,
+                "response_id": answer.response_id,
+                "conversation_id": answer.conversation_id,
+                "content": answer.content,
+                "error": "",
+            }
+        ).encode()
+        await _respond(send, 200, body)
+
+    async def _read_body(self, receive: Receive, declared: int | None) -> bytes:
+        limit = self._state.config.server.max_body
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"request body larger than server.max_body ({limit} bytes)")
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body larger than server.max_body ({limit} bytes)")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _question(self, document: dict[str, object], user_id: str, *, is_admin: bool) -> Question:
+        content = document.get("content")
+        if not isinstance(content, str) or not content:
+            raise BadRequest("content must be a non-empty string")
+        limit = self._state.config.requests.max_content
+        # A str of n characters encodes to at most 4n bytes: encode only when it may matter.
+        if len(content) * 4 > limit and len(content.encode("utf-8", "surrogatepass")) > limit:
+            raise PayloadTooLarge(f"content is larger than requests.max_content ({limit} bytes)")
+        return Question(
+            content=content,
+            user_id=user_id,
+            conversation_id=optional_string(document, "conversation_id"),
+            parent_id=optional_string(document, "parent_id"),
+            is_admin=is_admin,
+        )
+
+    async def _ask(self, question: Question, receive: Receive) -> Answer:
+        """Dispatch, abandoning the request if the client disconnects meanwhile."""
+        outcome: Answer | RelayError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
+            try:
+                outcome = await self._state.dispatcher.ask(question)
+            except RelayError as error:
+                outcome = error
+            finally:
+                nursery.cancel_scope.cancel()
+        if outcome is None:
+            raise _ClientGone()
+        if isinstance(outcome, RelayError):
+            raise outcome
+        return outcome
+
+
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

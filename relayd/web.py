@@ -1,0 +1,168 @@
+"""HTTP pieces shared by the Quart routes and the bare ASGI ``/api/ask``.
+
+Nothing here knows Quart: body parsing, field checks, the status of each
+domain error, and :class:`Gate`, which checks credentials and throttles the
+addresses that fail them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Any
+
+import trio
+
+from relayd.errors import (
+    AgentFailed,
+    AgentTimeout,
+    BadRequest,
+    ConversationAgentGone,
+    Forbidden,
+    NoAgent,
+    NotFound,
+    PayloadTooLarge,
+    QueueFull,
+    QueueTimeout,
+    RateLimited,
+    RelayError,
+    ShuttingDown,
+    Unauthorized,
+)
+from relayd.state import RelayState
+from relayd.users import User
+
+__all__ = [
+    "STATUS",
+    "Gate",
+    "error_body",
+    "optional_string",
+    "parse_json_object",
+    "redact_path",
+    "rfc3339",
+    "status_of",
+    "token_from_header",
+]
+
+log = logging.getLogger("relayd.api")
+
+STATUS: dict[type[RelayError], int] = {
+    BadRequest: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    PayloadTooLarge: 413,
+    RateLimited: 429,
+    AgentFailed: 502,
+    NoAgent: 503,
+    QueueFull: 503,
+    QueueTimeout: 503,
+    ConversationAgentGone: 503,
+    ShuttingDown: 503,
+    AgentTimeout: 504,
+}
+
+
+def status_of(error: RelayError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+def rfc3339(timestamp: float) -> str:
+    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, whatever the Content-Type said. Raises BadRequest."""
+    if not raw.strip():
+        raise BadRequest("the request body is empty; expected a JSON object")
+    try:
+        document = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not UTF-8") from None
+    except ValueError as error:
+        raise BadRequest(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return document
+
+
+def optional_string(document: dict[str, Any], name: str) -> str | None:
+    """A string field that may be absent, null or empty (all meaning "not given")."""
+    value = document.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string")
+    return value
+
+
+def token_from_header(header: str | None) -> str | None:
+    """The token of an ``Authorization`` header: raw (the seed's form) or ``Bearer``."""
+    if not header:
+        return None
+    scheme, _, rest = header.partition(" ")
+    if scheme.lower() == "bearer" and rest.strip():
+        return rest.strip()
+    return header.strip()
+
+
+def redact_path(path: str) -> str:
+    """``/agent/<key>/...`` with the key hidden, for messages that echo a path."""
+    if path.startswith("/agent/"):
+        _, _, rest = path[len("/agent/") :].partition("/")
+        return "/agent/<key>/" + rest
+    return path
+
+
+class Gate:
+    """Credential checks for HTTP routes, with per-address failure throttling.
+
+    Every check first refuses an address that has failed too often (429), and
+    every failure is counted against the address and logged (never the
+    credential itself).
+    """
+
+    def __init__(self, state: RelayState) -> None:
+        self._state = state
+
+    def _check_throttle(self, address: str) -> None:
+        wait = self._state.throttle.retry_after(address, trio.current_time())
+        if wait is not None:
+            raise RateLimited(retry_after=wait)
+
+    def _failed(self, message: str, address: str, path: str) -> Unauthorized:
+        self._state.throttle.failed(address, trio.current_time())
+        log.info("authentication failed: %s remote=%s path=%s", message, address, redact_path(path))
+        return Unauthorized(message)
+
+    def user(self, header: str | None, address: str, path: str) -> tuple[User | None, str]:
+        """``(user, user id for logs)`` for a user token or the admin key (user None)."""
+        self._check_throttle(address)
+        token = token_from_header(header)
+        if token is None:
+            raise self._failed("missing Authorization header (a user token)", address, path)
+        user = self._state.users.authenticate(token)
+        if user is not None:
+            return user, user.user_id
+        if self._state.admin.verify(token):
+            return None, "admin"
+        raise self._failed("invalid token", address, path)
+
+    def admin(self, candidates: list[str], address: str, path: str) -> None:
+        """Pass if any candidate is the admin key."""
+        self._check_throttle(address)
+        if not candidates:
+            raise self._failed("the admin key is required", address, path)
+        if not any(self._state.admin.verify(candidate) for candidate in candidates):
+            raise self._failed("invalid admin key", address, path)
