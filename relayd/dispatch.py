@@ -37,7 +37,6 @@ from relayd.agents.pool import AgentPool
 from relayd.agents.session import (
     AdmissionRefused,
     AgentSession,
-    Call,
     SessionLost,
 )
 from relayd.config import AgentsConfig, Config
@@ -298,15 +297,12 @@ class Dispatcher:
     async def _call(self, session: AgentSession, request: Request) -> Reply | AgentError:
         """Send on a slot we hold; the session releases the slot when it is over."""
         try:
-            call: Call = session.start_call(request)
+            call = session.start_call(request)
         except SessionLost:
             # The frame never left, so no reply will release the slot: we do.
             self.pool.release(session)
             raise
-        try:
-            return await call.result()
-        finally:
-            call.abandoned = True
+        return await session.complete(call)
 
     # -- the wait queue ----------------------------------------------------------------
 

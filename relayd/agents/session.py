@@ -1,26 +1,35 @@
 """One agent connection, from handshake to close.
 
 An :class:`AgentSession` is its own supervisor. ``run()`` is awaited by the
-WebSocket handler for the whole life of the connection and owns a nursery with
-exactly one child, the writer; the handler's own task is the reader. When
-``run()`` returns, the transport is closed and nothing of the session is left
-running.
+WebSocket handler for the whole life of the connection; its task is the only
+one the session has, and when it returns the transport is closed and nothing
+of the session is left.
 
-* **Reader** (the caller's task): reads frames, feeds them to the sans-I/O
-  :class:`~relayd.protocol.RelayConnection`, resolves the one-shot result of a
-  request when its reply comes. It runs inside a cancel scope whose deadline
-  moves forward with every frame the agent sends: when the agent is silent for
-  ``heartbeat_timeout`` the deadline passes and the session ends.
-* **Writer**: the only task that sends on the transport. It takes frames from a
-  bounded channel and sends a protocol ``ping`` whenever ``heartbeat_interval``
-  passes (Hypercorn answers WebSocket-level pings itself and never shows the
-  app a pong, so liveness is the protocol's own ``ping``/``pong``).
+* **Reading and liveness.** ``run()`` reads frames and feeds them to the
+  sans-I/O :class:`~relayd.protocol.RelayConnection`. It runs inside one cancel
+  scope whose deadline moves forward with every frame the agent sends: an
+  agent silent for ``heartbeat_timeout`` passes the deadline and the session
+  ends. The same scope ends the session from outside (:meth:`request_close`).
+* **Heartbeat.** While waiting for a frame, the reader also waits for the next
+  ``heartbeat_interval`` and sends the protocol's ``ping`` when it comes
+  (Hypercorn answers WebSocket-level pings itself and never shows the app a
+  pong, so liveness is the protocol's own ``ping``/``pong``).
+* **Writing.** Frames are sent one at a time under a lock (the lock is the
+  single writer; its waiters are bounded by the agent's slots plus one ping).
+  A request's frame is sent shielded from its caller's cancellation: a frame
+  half-given to the transport would otherwise leave the agent's slot taken by
+  a request it never received. Hypercorn's write timeout bounds the shield.
 
-Requests are started by other tasks with :meth:`start_call` (synchronous: it
-cannot be interrupted between taking the agent's slot and queueing the frame)
-and awaited with :meth:`Call.result`. The slot is released by the session, when
-the reply comes or the session ends, never by the caller: the seed protocol has
-no cancel, so an abandoned request still occupies the agent.
+Why one task and not a reader, a writer and a heartbeat task: an idle agent
+costs memory for as long as it is connected, and relayd holds thousands of
+them. Extra tasks, a nursery and a channel cost about a third of a
+connection's footprint (measured by ``relayd bench``, scenario idle-10000);
+this shape keeps the same guarantees without them.
+
+Requests are started by other tasks with :meth:`call`. The slot is released
+by the session, when the reply comes or the session ends, never by the caller:
+the seed protocol has no cancel, so an abandoned request still occupies the
+agent.
 
 The session knows nothing of HTTP, users or TOML; what it needs from its owner
 is the :class:`SessionHost` interface, implemented by the dispatcher.
@@ -117,11 +126,12 @@ class SessionHost(Protocol):
 class Call:
     """The one-shot result of one request sent to an agent."""
 
-    __slots__ = ("_done", "_outcome", "abandoned", "request", "session")
+    __slots__ = ("_done", "_outcome", "abandoned", "frame", "request", "session")
 
-    def __init__(self, session: AgentSession, request: Request) -> None:
+    def __init__(self, session: AgentSession, request: Request, frame: str) -> None:
         self.session = session
         self.request = request
+        self.frame = frame
         self._done = trio.Event()
         self._outcome: Reply | AgentError | SessionLost | None = None
         self.abandoned = False  # the caller stopped waiting (deadline, client gone)
@@ -149,11 +159,12 @@ class AgentSession:
         "_calls",
         "_close_code",
         "_close_reason",
+        "_closing",
         "_host",
-        "_outbox_receive",
-        "_outbox_send",
+        "_ping_count",
         "_protocol_errors",
         "_scope",
+        "_send_lock",
         "_transport",
         "agent_id",
         "capacity",
@@ -188,9 +199,10 @@ class AgentSession:
         self.last_message_at = now
         self.last_pong_at: float | None = None
         self._calls: dict[str, Call] = {}
-        # Bounded by the agent's capacity: at most one frame per slot is queued.
-        self._outbox_send, self._outbox_receive = trio.open_memory_channel[str](1000)
+        self._send_lock = trio.Lock()
         self._scope: trio.CancelScope | None = None
+        self._closing = False  # request_close() was called
+        self._ping_count = 0
         self._close_code = CloseCode.NORMAL
         self._close_reason = ""
         self._protocol_errors = 0
@@ -205,30 +217,48 @@ class AgentSession:
     # -- used by the dispatcher ------------------------------------------------
 
     def start_call(self, request: Request) -> Call:
-        """Queue ``request`` for the agent; never blocks, never checkpoints.
+        """Register ``request`` as in flight; never blocks, never checkpoints.
 
-        The caller must hold one of the session's slots (taken from the pool).
-        Raises :class:`SessionLost` if the session is no longer open.
+        The caller must hold one of the session's slots (taken from the pool)
+        and then :meth:`send` the call's frame. Raises :class:`SessionLost` if
+        the session is no longer open.
         """
         if not self.is_open:
             raise SessionLost(f"{self} is closed")
         try:
-            text = self.protocol.send(request)
+            frame = self.protocol.send(request)
         except LocalProtocolError as error:
             raise SessionLost(f"{self}: {error}") from error
-        call = Call(self, request)
+        call = Call(self, request, frame)
         self._calls[request.request_id] = call
-        try:
-            self._outbox_send.send_nowait(text)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            del self._calls[request.request_id]
-            self.protocol.outstanding.discard(request.request_id)
-            raise SessionLost(f"{self} cannot take more frames") from None
         return call
+
+    async def complete(self, call: Call) -> Reply | AgentError:
+        """Send a started call's frame and wait for the answer.
+
+        Raises :class:`SessionLost` if the session ends first. If the caller is
+        cancelled, the request is abandoned, but its slot stays taken until the
+        agent answers or goes.
+        """
+        try:
+            with trio.CancelScope(shield=True):
+                await self._send(call.frame)
+            return await call.result()
+        finally:
+            call.abandoned = True
+
+    async def call(self, request: Request) -> Reply | AgentError:
+        """:meth:`start_call` then :meth:`complete`, for callers that hold a slot."""
+        return await self.complete(self.start_call(request))
+
+    async def _send(self, text: str) -> None:
+        async with self._send_lock:
+            await self._transport.send(text)
 
     def request_close(self, code: int, reason: str) -> None:
         """End the session from outside (shutdown, reclaim, revoked key)."""
-        if self._scope is not None and not self._scope.cancel_called:
+        if self._scope is not None and not self._closing:
+            self._closing = True
             self._close_code = code
             self._close_reason = reason
             self._scope.cancel()
@@ -242,8 +272,10 @@ class AgentSession:
         """
         admitted = False
         reason = "closed"
+        settings = self._host.agents_config()
         try:
             with trio.CancelScope() as self._scope:
+                self._scope.deadline = trio.current_time() + settings.handshake_timeout
                 greeting = self.protocol.send(Greeting(self.protocol.connection_id))
                 await self._transport.send(greeting)
                 hello = await self._handshake()
@@ -265,19 +297,15 @@ class AgentSession:
                     if hello.is_reclaim and self.agent_id == hello.connection_id
                     else "",
                 )
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write_loop)
-                    reason = await self._read_loop()
-                    nursery.cancel_scope.cancel()
+                reason = await self._read_loop()
             if self._scope.cancelled_caught:
-                reason = self._close_reason or "closed by relayd"
+                reason = self._ended_by_scope(admitted)
         finally:
             lost = self.protocol.connection_lost()
             for request_id in lost.outstanding:
                 call = self._calls.pop(request_id, None)
                 if call is not None:
                     call._resolve(SessionLost(f"{self} disconnected before replying"))
-            self._outbox_send.close()
             if admitted:
                 self._host.remove(self)
                 log.info(
@@ -290,47 +318,68 @@ class AgentSession:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await self._transport.close(self._close_code, self._close_reason[:120])
 
-    async def _handshake(self) -> Hello | None:
-        """The agent's answer to the greeting, or None (and a close code) if it fails."""
-        timeout = self._host.agents_config().handshake_timeout
-        with trio.move_on_after(timeout):
-            message = await self._transport.receive()
-            if message is None:
-                self._close_reason = "disconnected during the handshake"
-                return None
-            try:
-                if isinstance(message, bytes):
-                    self.protocol.receive_bytes(message)
-                hello = self.protocol.receive_text(message)  # type: ignore[arg-type]
-            except RemoteProtocolError as error:
-                log.warning("agent handshake failed: %s remote=%s", error, self.remote)
-                self._close_code = CloseCode.PROTOCOL_ERROR
-                self._close_reason = f"handshake failed: {error}"
-                return None
-            assert isinstance(hello, Hello)
-            self.last_message_at = time.time()
-            return hello
-        log.warning("agent handshake timed out after %.1fs remote=%s", timeout, self.remote)
-        self._close_code = CloseCode.POLICY_VIOLATION
-        self._close_reason = "handshake timeout"
-        return None
-
-    async def _read_loop(self) -> str:
-        """Read until the agent goes or goes silent; returns why it ended."""
-        settings = self._host.agents_config()
-        with trio.CancelScope(deadline=trio.current_time() + settings.heartbeat_timeout) as alive:
-            while True:
-                message = await self._transport.receive()
-                if message is None:
-                    return "agent closed the connection"
-                self.last_message_at = time.time()
-                alive.deadline = trio.current_time() + self._host.agents_config().heartbeat_timeout
-                if not self._handle(message):
-                    return self._close_reason
+    def _ended_by_scope(self, admitted: bool) -> str:
+        """Why the session scope was cancelled: from outside, or a deadline."""
+        if self._closing:
+            return self._close_reason or "closed by relayd"
+        if not admitted:
+            timeout = self._host.agents_config().handshake_timeout
+            log.warning("agent handshake timed out after %.1fs remote=%s", timeout, self.remote)
+            self._close_code = CloseCode.POLICY_VIOLATION
+            self._close_reason = "handshake timeout"
+            return "handshake timeout"
+        timeout = self._host.agents_config().heartbeat_timeout
+        log.warning("agent silent for %.1fs, dropping it: %s", timeout, self)
         self._close_code = CloseCode.GOING_AWAY
         self._close_reason = "heartbeat timeout"
-        log.warning("agent silent for %.1fs, dropping it: %s", settings.heartbeat_timeout, self)
         return "heartbeat timeout"
+
+    async def _handshake(self) -> Hello | None:
+        """The agent's answer to the greeting, or None (and a close code) if it fails."""
+        message = await self._transport.receive()
+        if message is None:
+            self._close_reason = "disconnected during the handshake"
+            return None
+        try:
+            if isinstance(message, bytes):
+                self.protocol.receive_bytes(message)
+            hello = self.protocol.receive_text(message)  # type: ignore[arg-type]
+        except RemoteProtocolError as error:
+            log.warning("agent handshake failed: %s remote=%s", error, self.remote)
+            self._close_code = CloseCode.PROTOCOL_ERROR
+            self._close_reason = f"handshake failed: {error}"
+            return None
+        assert isinstance(hello, Hello)
+        self.last_message_at = time.time()
+        return hello
+
+    async def _read_loop(self) -> str:
+        """Read until the agent goes; returns why. Sends the heartbeat pings.
+
+        Silence is handled by the session scope's deadline, which each frame
+        moves forward.
+        """
+        scope = self._scope
+        assert scope is not None
+        settings = self._host.agents_config()
+        scope.deadline = trio.current_time() + settings.heartbeat_timeout
+        next_ping = trio.current_time() + settings.heartbeat_interval
+        while True:
+            message: str | bytes | None = None
+            with trio.move_on_at(next_ping) as waiting:
+                message = await self._transport.receive()
+            if waiting.cancelled_caught:
+                settings = self._host.agents_config()
+                self._ping_count += 1
+                await self._send(self.protocol.send(Ping(f"ping-{self._ping_count}")))
+                next_ping = trio.current_time() + settings.heartbeat_interval
+                continue
+            if message is None:
+                return "agent closed the connection"
+            self.last_message_at = time.time()
+            scope.deadline = trio.current_time() + self._host.agents_config().heartbeat_timeout
+            if not self._handle(message):
+                return self._close_reason
 
     def _handle(self, message: str | bytes) -> bool:
         """Process one frame; False when the session must end."""
@@ -366,20 +415,3 @@ class AgentSession:
                 call._resolve(event)
             self._host.slot_freed(self)
         return True
-
-    async def _write_loop(self) -> None:
-        """The only sender: queued frames, and a ping every heartbeat interval."""
-        next_ping = trio.current_time() + self._host.agents_config().heartbeat_interval
-        ping_ids = 0
-        while True:
-            text: str | None = None
-            with trio.move_on_at(next_ping):
-                text = await self._outbox_receive.receive()
-            if text is None:
-                ping_ids += 1
-                text = self.protocol.send(Ping(f"ping-{ping_ids}"))
-                next_ping = trio.current_time() + self._host.agents_config().heartbeat_interval
-            await self._transport.send(text)
-            # Hypercorn's send returns without a checkpoint once the peer has
-            # gone; make sure this loop can never spin without yielding.
-            await trio.lowlevel.checkpoint()
