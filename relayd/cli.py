@@ -136,15 +136,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if args is not None:
         seed_key = args.admin_key
     else:
-        if (
-            not arguments
-            or (arguments[0].startswith("-")
+        if not arguments or (
+            arguments[0].startswith("-")
             and arguments[0]
             not in (
                 "-h",
                 "--help",
                 "--version",
-            ))
+            )
         ):
             arguments.insert(0, "serve")
         args = build_parser().parse_args(arguments)

@@ -143,7 +143,12 @@ class Dispatcher:
         """Register a session; let it reclaim an earlier id if it proves it may."""
         if self._closing:
             raise AdmissionRefused("relayd is shutting down", CloseCode.GOING_AWAY)
-        if len(self.pool) >= self.config.agents.max_agents:
+        replaces_itself = (
+            hello.is_reclaim
+            and hello.connection_id in self.pool
+            and self._identities.get(hello.connection_id) == session.credential
+        )
+        if not replaces_itself and len(self.pool) >= self.config.agents.max_agents:
             log.warning(
                 "agent refused: agents.max_agents=%d reached remote=%s",
                 self.config.agents.max_agents,
@@ -351,6 +356,10 @@ class Dispatcher:
         try:
             with trio.move_on_after(patience):
                 await waiter.event.wait()
+            if waiter.session is not None:
+                # A cancel that came after the hand-over could not be delivered
+                # while we slept; take it now, before the question is sent.
+                await trio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             if waiter.session is not None:
                 # We were handed a slot but are cancelled: pass it on.

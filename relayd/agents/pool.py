@@ -89,7 +89,8 @@ class AgentPool:
             raise ValueError(f"{session} has no free slot")
         self._unfile(session)
         session.inflight += 1
-        self._inflight += 1
+        if self._sessions.get(session.agent_id) is session:
+            self._inflight += 1
         self._file(session)
 
     def release(self, session: AgentSession) -> None:

@@ -384,7 +384,10 @@ class AgentSession:
     def _handle(self, message: str | bytes) -> bool:
         """Process one frame; False when the session must end."""
         settings = self._host.agents_config()
-        if len(message) > settings.max_message:
+        size = len(message)
+        if isinstance(message, str) and size * 4 > settings.max_message:
+            size = len(message.encode("utf-8", "surrogatepass"))  # the limit is in bytes
+        if size > settings.max_message:
             self._close_code = CloseCode.MESSAGE_TOO_BIG
             self._close_reason = f"message over {settings.max_message} bytes"
             log.warning("agent sent an oversized message, closing: %s", self)

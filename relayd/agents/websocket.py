@@ -62,6 +62,9 @@ class AsgiTransport:
     async def send(self, text: str) -> None:
         if not self._closed:
             await self._send({"type": "websocket.send", "text": text})
+        # Once the peer has gone, Hypercorn's send returns without a checkpoint;
+        # a caller that only sends must still yield to the scheduler.
+        await trio.lowlevel.checkpoint()
 
     async def close(self, code: int, reason: str) -> None:
         if not self._closed:
