@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relayd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def common(sub: argparse.ArgumentParser, *, state: bool = True) -> None:
+    def common(sub: argparse.ArgumentParser, *, state: bool = True, default: object = None) -> None:
         sub.add_argument(
             "--config",
             type=Path,
+            default=default,
             metavar="PATH",
             help="config file (default: $RELAYD_CONFIG, /etc/relayd/relayd.toml, else built-in)",
         )
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--state-dir",
                 type=Path,
+                default=default,
                 metavar="DIR",
                 help="where users.toml and the admin key live (default: see README)",
             )
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON")
     delete = users_commands.add_parser("delete", help="delete a user")
     delete.add_argument("user_id")
+    for action in (add, listing, delete):
+        # Also after the action (`relayd users add --state-dir DIR`); SUPPRESS keeps
+        # a value given before the action when none is given after it.
+        common(action, default=argparse.SUPPRESS)
 
     seed = commands.add_parser(
         "import-seed-db", help="import users and tokens from ChatGPT-API-server's Data/auth.db"

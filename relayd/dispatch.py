@@ -115,6 +115,9 @@ class Dispatcher:
         self._identities: OrderedDict[str, str] = OrderedDict()  # agent id → credential
         self._agent_arrived = trio.Event()
         self._closing = False
+        # Whether an agent credential is still accepted; the state sets it so that
+        # a key revoked while an agent is mid-handshake cannot slip in.
+        self.credential_valid: Callable[[str], bool] = lambda credential: True
         self._active: set[trio.CancelScope] = set()  # one per ask() under way
         self._idle = trio.Event()
 
@@ -143,6 +146,8 @@ class Dispatcher:
         """Register a session; let it reclaim an earlier id if it proves it may."""
         if self._closing:
             raise AdmissionRefused("relayd is shutting down", CloseCode.GOING_AWAY)
+        if not self.credential_valid(session.credential):
+            raise AdmissionRefused("agent key revoked", CloseCode.POLICY_VIOLATION)
         replaces_itself = (
             hello.is_reclaim
             and hello.connection_id in self.pool

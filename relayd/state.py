@@ -67,6 +67,9 @@ class RelayState:
 
     def __post_init__(self) -> None:
         self.dispatcher = Dispatcher(self.config)
+        self.dispatcher.credential_valid = lambda credential: self.agent_keys.still_valid(
+            credential
+        )
         self.throttle = FailureThrottle(
             burst=self.config.auth.failure_burst, interval=self.config.auth.failure_interval
         )
