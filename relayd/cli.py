@@ -23,7 +23,7 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
@@ -38,6 +38,9 @@ from relayd.locate import (
 )
 from relayd.state import RelayState, load_agent_keys
 from relayd.users import UserStore, UserStoreError
+
+if TYPE_CHECKING:
+    from relayd.daemon import Daemon
 
 __all__ = ["main"]
 
@@ -251,15 +254,33 @@ def serve(args: argparse.Namespace, environ: dict[str, str], seed_key: str | Non
     notifier = Notifier.from_environ(environ, unset_environment=True)
     daemon = Daemon(state, reload_config, notifier, environ)
     try:
-        trio.run(daemon.run)
-    except OSError as error:
-        log.error("cannot serve: %s", error)
-        return EXIT_ERROR
+        return _run_daemon(daemon)
     except KeyboardInterrupt:
         return EXIT_OK
     finally:
         notifier.close()
-    return EXIT_OK
+
+
+def _run_daemon(daemon: Daemon) -> int:
+    """Run the daemon; an OS error from binding comes out of the nurseries in a group."""
+    failed = False
+    try:
+        trio.run(daemon.run)
+    except* OSError as group:
+        for error in _leaves(group):
+            log.error("cannot serve: %s", error)
+        failed = True
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    found: list[OSError] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            found.extend(_leaves(error))
+        else:
+            found.append(error)
+    return found
 
 
 def check_config(args: argparse.Namespace, environ: dict[str, str]) -> int:
@@ -315,7 +336,8 @@ def import_seed_db(args: argparse.Namespace, environ: dict[str, str]) -> int:
     if not path.is_file():
         _fail(f"{path}: no such file")
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # As a file: URI (escaped: "#", "?" and "%" are legal in a path), read-only.
+        connection = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
         try:
             rows = connection.execute("SELECT user_id, token FROM tokens").fetchall()
         finally:

@@ -120,16 +120,19 @@ def _check_listen(values: Any) -> str | None:
     return None
 
 
+_DIGITS = re.compile(r"[0-9]+\Z")  # str.isdigit() also accepts "³" and "①"
+
+
 def listen_address_problem(value: str) -> str | None:
     """Why ``value`` is not a listen address we accept, or None if it is."""
     if value.startswith("unix:"):
         return None if len(value) > len("unix:") else f"a socket path after unix:, got {value!r}"
     if value.startswith("fd://"):
-        return (
-            None if value[5:].isdigit() else f"a file descriptor number after fd://, got {value!r}"
-        )
+        if _DIGITS.match(value[5:]):
+            return None
+        return f"a file descriptor number after fd://, got {value!r}"
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not _DIGITS.match(port) or not 0 <= int(port) <= 65535:
         return f"host:port, [v6]:port or unix:/path, got {value!r}"
     if host.startswith("[") != host.endswith("]"):
         return f"an IPv6 address in brackets, got {value!r}"
@@ -300,6 +303,8 @@ def _convert(key: Key, value: Any) -> Any:
             raise ValueError(
                 f"a non-empty string, got {_type_name(value) if value != '' else 'an empty string'}"
             )
+        if "\x00" in value:
+            raise ValueError("a string without NUL characters")
         if kind == "level":
             if value.lower() not in LOG_LEVELS:
                 raise ValueError(f"one of {', '.join(LOG_LEVELS)}, got {value!r}")
@@ -398,16 +403,25 @@ def load_config(path: Path | None) -> Config:
     source = str(path)
     try:
         text = path.read_bytes().decode("utf-8")
-    except OSError as error:
-        raise ConfigError(f"cannot read the file: {error.strerror}", source=source) from None
     except UnicodeDecodeError:
         raise ConfigError("the file is not valid UTF-8", source=source) from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read the file: {_read_problem(error)}", source=source) from None
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         # tomllib's messages end with "(at line N, column M)".
         raise ConfigError(f"invalid TOML: {error}", source=source) from None
     return parse_config(document, source=source)
+
+
+def _read_problem(error: Exception) -> str:
+    """What went wrong reading a file, in a few words."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if isinstance(error, UnicodeDecodeError):
+        return "not valid UTF-8"
+    return str(error)  # ValueError: a NUL in the path
 
 
 def read_keys_file(path: Path) -> tuple[str, ...]:
@@ -417,9 +431,10 @@ def read_keys_file(path: Path) -> tuple[str, ...]:
     """
     try:
         lines = path.read_text("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not valid UTF-8"
-        raise ConfigError(f"cannot read agent keys: {reason}", source=str(path)) from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(
+            f"cannot read agent keys: {_read_problem(error)}", source=str(path)
+        ) from None
     keys = []
     for number, line in enumerate(lines, 1):
         text = line.strip()

@@ -64,8 +64,11 @@ class GuardedTCPServer(TCPServer):
                 await trio.aclose_forcefully(self.stream)
 
     async def protocol_send(self, event: Event) -> None:
-        if isinstance(event, Updated):
-            # Sent from the app's task, which may already be cancelled.
+        if isinstance(event, Updated | Closed):
+            # Sent from the app's task, which Quart-Trio may already have cancelled:
+            # a cancelled Updated leaves the idle timer off, a cancelled Closed
+            # leaves the connection neither recycled nor closed (after a 413, the
+            # next request on it hung).
             with trio.CancelScope(shield=True):
                 await super().protocol_send(event)
             return

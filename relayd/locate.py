@@ -104,8 +104,10 @@ def _digest(key: str) -> bytes:
 def _read_key_file(path: Path) -> str:
     try:
         key = path.read_text("utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not valid UTF-8"
+    except UnicodeDecodeError:
+        raise AdminKeyError(f"{path}: cannot read the admin key: not valid UTF-8") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+        reason = error.strerror if isinstance(error, OSError) else str(error)
         raise AdminKeyError(f"{path}: cannot read the admin key: {reason}") from None
     if not key:
         raise AdminKeyError(f"{path}: the admin key file is empty")
