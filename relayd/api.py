@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from relayd import __version__
 from relayd.agents.auth import agent_key_from_path
-from relayd.agents.websocket import AgentEndpoint, Receive, Scope, Send
+from relayd.agents.websocket import AgentEndpoint, Receive, Scope, Send, deny_websocket
 from relayd.ask import AskEndpoint
 from relayd.config import Config
 from relayd.errors import BadRequest, NotFound, PayloadTooLarge, RelayError
@@ -226,8 +226,13 @@ def create_asgi_app(state: RelayState) -> AsgiApp:
         kind = scope["type"]
         if kind == "http" and scope["path"] == "/api/ask":
             await ask(scope, receive, send)
-        elif kind == "websocket" and agent_key_from_path(scope["path"])[0]:
-            await agents(scope, receive, send)
+        elif kind == "websocket":
+            if agent_key_from_path(scope["path"])[0]:
+                await agents(scope, receive, send)
+            elif (await receive())["type"] == "websocket.connect":
+                # Quart's error handlers assume an HTTP request; answer here.
+                message = f"no WebSocket route {redact_path(scope['path'])}"
+                await deny_websocket(scope, send, 404, message)
         else:
             await quart_app(scope, receive, send)  # type: ignore[arg-type]
 

@@ -10,6 +10,7 @@ Forms::
     relayd check-config [--config PATH]
     relayd users add [--name NAME] | list | delete USER_ID
     relayd import-seed-db PATH/auth.db
+    relayd bench [--scenario NAME] ...        (see relayd/bench)
     relayd --version
 """
 
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         # a value given before the action when none is given after it.
         common(action, default=argparse.SUPPRESS)
 
+    commands.add_parser(
+        "bench",
+        help="measure what this machine's relay can carry (relayd bench --help)",
+        add_help=False,
+    )
+
     seed = commands.add_parser(
         "import-seed-db", help="import users and tokens from ChatGPT-API-server's Data/auth.db"
     )
@@ -140,6 +147,11 @@ def _seed_arguments(argv: list[str]) -> argparse.Namespace | None:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] == "bench":
+        # The benchmark has its own parser (and imports the load generator lazily).
+        from relayd.bench import main as bench_main
+
+        sys.exit(bench_main(arguments[1:]))
     args = _seed_arguments(arguments)
     seed_key: str | None = None
     if args is not None:

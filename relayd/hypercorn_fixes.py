@@ -20,15 +20,19 @@ listeners (relayd does not terminate TLS itself). What it fixes:
    request under way) for ``keep_alive_timeout`` is closed, as is one that
    never completes its first request's headers.
 3. **A peer that stops reading blocked a write forever.** Hypercorn shields
-   each socket write from cancellation; a write that does not finish within
-   :data:`WRITE_TIMEOUT` now gives up and closes the connection.
+   each socket write from cancellation, so neither a request's deadline nor the
+   graceful shutdown could stop it. A write now has a deadline of its own
+   (:class:`WriteLimits`); when it passes, the write gives up and the
+   connection is closed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -39,7 +43,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
-__all__ = ["WRITE_TIMEOUT", "GuardedTCPServer", "serve"]
+__all__ = ["WRITE_TIMEOUT", "GuardedTCPServer", "WriteLimits", "serve"]
 
 log = logging.getLogger("relayd.server")
 
@@ -47,8 +51,39 @@ log = logging.getLogger("relayd.server")
 WRITE_TIMEOUT = 30.0
 
 
+class WriteLimits:
+    """Deadlines for the shielded socket writes of one server.
+
+    A write is shielded from cancellation (a half-written frame would corrupt
+    the stream), so nothing but its own deadline can stop it. That deadline is
+    the earliest of: :data:`WRITE_TIMEOUT` from now, the writer's own deadline
+    (a request's ``requests.timeout`` must hold even against an agent that
+    stopped reading), and, once shutdown starts, the end of the graceful period.
+    """
+
+    def __init__(self) -> None:
+        self.shutdown_deadline = math.inf
+        self.active: set[trio.CancelScope] = set()
+
+    def deadline(self) -> float:
+        return min(
+            trio.current_time() + WRITE_TIMEOUT,
+            trio.current_effective_deadline(),
+            self.shutdown_deadline,
+        )
+
+    def shut_down_by(self, deadline: float) -> None:
+        self.shutdown_deadline = deadline
+        for scope in self.active:
+            scope.deadline = min(scope.deadline, deadline)
+
+
 class GuardedTCPServer(TCPServer):
     """One connection: errors confined, idle time bounded, writes bounded."""
+
+    def __init__(self, *args: Any, writes: WriteLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._writes = writes
 
     async def run(self) -> None:
         try:
@@ -74,19 +109,23 @@ class GuardedTCPServer(TCPServer):
             return
         if isinstance(event, RawData):
             async with self.send_lock:
+                deadline = self._writes.deadline()
                 try:
-                    with trio.CancelScope(shield=True) as scope:
-                        scope.deadline = trio.current_time() + WRITE_TIMEOUT
-                        await self.stream.send_all(event.data)
+                    with trio.CancelScope(shield=True, deadline=deadline) as scope:
+                        self._writes.active.add(scope)
+                        try:
+                            await self.stream.send_all(event.data)
+                        finally:
+                            self._writes.active.discard(scope)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self.protocol.handle(Closed())
+                    with trio.CancelScope(shield=True):
+                        await self.protocol.handle(Closed())
                     return
                 if scope.cancelled_caught:
-                    log.info(
-                        "peer stopped reading for %.0fs, closing its connection", WRITE_TIMEOUT
-                    )
-                    await trio.aclose_forcefully(self.stream)
-                    await self.protocol.handle(Closed())
+                    log.info("peer is not reading, write cut short: closing its connection")
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(self.stream)
+                        await self.protocol.handle(Closed())
             return
         await super().protocol_send(event)
 
@@ -122,8 +161,14 @@ async def serve(
             if sockets.secure_sockets or sockets.quic_sockets:
                 raise ValueError("relayd serves plain HTTP; terminate TLS in front of it")
             task_status.started(binds)
+            writes = WriteLimits()
             handler = partial(
-                GuardedTCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
+                GuardedTCPServer,
+                wrapped,
+                config,
+                context,
+                ConnectionState(lifespan_state.copy()),
+                writes=writes,
             )
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
@@ -141,6 +186,8 @@ async def serve(
                     raise others from None
             finally:
                 await context.terminated.set()
-                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+                graceful_end = trio.current_time() + config.graceful_timeout
+                server_nursery.cancel_scope.deadline = graceful_end
+                writes.shut_down_by(graceful_end)
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()

@@ -241,7 +241,11 @@ class AgentSession:
         agent answers or goes.
         """
         try:
-            with trio.CancelScope(shield=True):
+            # Shielded so that a frame is never half-given to the transport, but
+            # not past the caller's own deadline: the transport's write honours
+            # it (relayd.hypercorn_fixes.WriteLimits) and closes the connection
+            # of an agent that stopped reading.
+            with trio.CancelScope(shield=True, deadline=trio.current_effective_deadline()):
                 await self._send(call.frame)
             return await call.result()
         finally:

@@ -24,7 +24,7 @@ from relayd.agents.auth import AgentKeys, AgentRefusal
 from relayd.agents.session import AgentSession, SessionHost
 from relayd.throttle import FailureThrottle
 
-__all__ = ["AgentEndpoint", "AsgiTransport"]
+__all__ = ["AgentEndpoint", "AsgiTransport", "deny_websocket"]
 
 log = logging.getLogger("relayd.agents")
 
@@ -93,7 +93,7 @@ class AgentEndpoint:
         wait = self._throttle.retry_after(address, trio.current_time())
         if wait is not None:
             log.warning("agent refused: too many failed attempts remote=%s", remote)
-            await self._deny(scope, send, AgentRefusal(429, "too many failed attempts"), wait)
+            await deny_websocket(scope, send, 429, "too many failed attempts", wait)
             return
         credential = self._keys().authenticate(
             path=scope["path"],
@@ -109,9 +109,13 @@ class AgentEndpoint:
                 credential.reason,
                 remote,
             )
-            await self._deny(scope, send, credential)
+            await deny_websocket(scope, send, credential.status, credential.reason)
             return
-        await send({"type": "websocket.accept"})
+        try:
+            await send({"type": "websocket.accept"})
+        except Exception as error:  # Hypercorn already refused the upgrade (e.g. a 400)
+            log.info("agent upgrade failed: %s remote=%s", type(error).__name__, remote)
+            return
         session = AgentSession(
             AsgiTransport(receive, send), self._host, credential=credential, remote=remote
         )
@@ -120,27 +124,22 @@ class AgentEndpoint:
         except Exception:  # isolation boundary: one agent session, never the daemon
             log.exception("agent session failed: %s remote=%s", session, remote)
 
-    @staticmethod
-    async def _deny(
-        scope: Scope, send: Send, refusal: AgentRefusal, retry_after: float | None = None
-    ) -> None:
-        body = json.dumps({"error": refusal.reason}).encode()
-        if "websocket.http.response" in scope.get("extensions", {}):
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ]
-            if refusal.status == 401:
-                headers.append((b"www-authenticate", b'Bearer realm="relayd agents"'))
-            if retry_after is not None:
-                headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
-            await send(
-                {
-                    "type": "websocket.http.response.start",
-                    "status": refusal.status,
-                    "headers": headers,
-                }
-            )
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:
-            await send({"type": "websocket.close", "code": 1008})
+
+async def deny_websocket(
+    scope: Scope, send: Send, status: int, message: str, retry_after: float | None = None
+) -> None:
+    """Refuse a WebSocket upgrade with an HTTP status and ``{"error": message}``."""
+    body = json.dumps({"error": message}).encode()
+    if "websocket.http.response" in scope.get("extensions", {}):
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="relayd agents"'))
+        if retry_after is not None:
+            headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})
