@@ -82,6 +82,7 @@ class Daemon:
     reload_config: Callable[[], Config]
     notifier: Notifier
     environ: dict[str, str]
+    listening: str = ""  # what Hypercorn bound, for STATUS= and the log
 
     async def run(self) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -141,7 +142,7 @@ class Daemon:
     def _status(self) -> str:
         stats = self.state.dispatcher.pool.statistics()
         return (
-            f"listening on {getattr(self, 'listening', '?')}; {stats.connected} agents, "
+            f"listening on {self.listening or '?'}; {stats.connected} agents, "
             f"{stats.inflight} requests in flight, {self.state.dispatcher.queued} queued"
         )
 
