@@ -20,6 +20,10 @@ handler per request, concurrently, recording what it saw.
 it starts ``AgentSession.run`` and the agent in a nursery and returns once the
 session has been admitted (or refused).
 
+:class:`Background` runs one call (an ask, a session call) in the background
+and records how it ended and when; :func:`in_background` starts one and lets
+everything settle. :func:`never` is a handler that never answers.
+
 Both directions are unbounded, so a test agent that does not read never blocks
 the relay's writer; nothing here sleeps or reads a clock.
 """
@@ -30,6 +34,7 @@ import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import trio
 import trio.testing
@@ -47,16 +52,21 @@ from relayd.protocol import (
 __all__ = [
     "HANG_UP",
     "AgentEnd",
+    "Background",
     "Connected",
     "HangUp",
     "MemoryAgent",
     "RelayEnd",
     "connect_agent",
     "echo",
+    "in_background",
+    "never",
+    "open_session",
     "transport_pair",
 ]
 
 Message = str | bytes
+T = TypeVar("T")
 
 
 class RelayEnd:
@@ -175,6 +185,11 @@ def echo(delay: float = 0.0, *, conversation: str | None = None) -> Handler:
     return handle
 
 
+async def never(request: Request) -> None:
+    """A handler that never answers."""
+    await trio.sleep_forever()
+
+
 @dataclass
 class MemoryAgent:
     """A scripted agent: handshake, pongs, one handler task per request."""
@@ -248,6 +263,22 @@ class Connected:
     def hang_up(self) -> None:
         self.end.disconnect()
 
+    async def hang_up_and_wait(self) -> None:
+        """Hang up, and wait until the relay has closed its end."""
+        self.hang_up()
+        await self.end.wait_closed()
+
+
+def open_session(
+    host: SessionHost, *, credential: str = "loopback", connection_id: str | None = None
+) -> tuple[AgentSession, RelayEnd, AgentEnd]:
+    """An AgentSession on ``host`` over a fresh transport pair, not yet running."""
+    relay, end = transport_pair()
+    session = AgentSession(
+        relay, host, credential=credential, remote="memory", connection_id=connection_id
+    )
+    return session, relay, end
+
 
 async def connect_agent(
     nursery: trio.Nursery,
@@ -264,12 +295,47 @@ async def connect_agent(
     "Admitted" means the handshake is done and every task has settled
     (``wait_all_tasks_blocked``), so the host has registered it or refused it.
     """
-    relay, end = transport_pair()
-    session = AgentSession(
-        relay, host, credential=credential, remote="memory", connection_id=connection_id
-    )
+    session, relay, end = open_session(host, credential=credential, connection_id=connection_id)
     agent = MemoryAgent(end, handler or echo(), reclaim_id=reclaim_id, answer_pings=answer_pings)
     nursery.start_soon(session.run)
     await nursery.start(agent.run)
     await trio.testing.wait_all_tasks_blocked()
     return Connected(session, agent, end, relay)
+
+
+class Background(Generic[T]):
+    """A call running in the background: ``done`` once it returned (``value``), raised
+    ``catch`` (``error``) or was cancelled through ``scope``; ``at`` is when it ended."""
+
+    def __init__(self, call: Callable[[], Awaitable[T]], catch: type[Exception]) -> None:
+        self.call = call
+        self.catch = catch
+        self.done = trio.Event()
+        self.value: T | None = None
+        self.error: Exception | None = None
+        self.at: float | None = None
+        self.scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        try:
+            with self.scope:
+                self.value = await self.call()
+        except self.catch as error:
+            self.error = error
+        finally:
+            self.at = trio.current_time()
+            self.done.set()
+
+    async def result(self) -> T:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None, "cancelled"
+        return self.value
+
+
+async def in_background(nursery: trio.Nursery, call: Background[T]) -> Background[T]:
+    """Start ``call`` and let everything settle (so it is queued, or at an agent)."""
+    nursery.start_soon(call.run)
+    await trio.testing.wait_all_tasks_blocked()
+    return call

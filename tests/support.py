@@ -81,12 +81,24 @@ class Relayd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError(f"relayd did not stop within {timeout}s:\n{self.log}") from None
+                raise AssertionError(
+                    f"relayd did not stop within {timeout}s:\n{self.log}"
+                ) from None
         return self.process.returncode
 
 
 def relayd_command() -> list[str]:
     return [sys.executable, "-m", "relayd"]
+
+
+def service_environment() -> dict[str, str]:
+    """This process's environment without anything that configures relayd or speaks for a
+    service manager (``RELAYD_*``, ``NOTIFY_SOCKET``, ``LISTEN_*``, ...)."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RELAYD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "JOURNAL_"))
+    }
 
 
 def start_relayd(
@@ -97,10 +109,14 @@ def start_relayd(
     env: dict[str, str] | None = None,
     admin_key: str | None = ADMIN_KEY,
     wait_ready: bool = True,
+    log_path: Path | None = None,
 ) -> Relayd:
-    """Start ``relayd serve`` on a fresh loopback socket; wait for READY=1."""
+    """Start ``relayd serve`` on a fresh loopback socket; wait for READY=1 (unless not
+    ``wait_ready``). Its stdout and stderr are appended to ``log_path`` (a fresh file by
+    default); ``env`` is added to a clean environment."""
     state_dir = tmp_path / "state"
-    log_path = tmp_path / f"relayd-{time.monotonic_ns()}.log"
+    if log_path is None:
+        log_path = tmp_path / f"relayd-{time.monotonic_ns()}.log"
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))
@@ -116,11 +132,7 @@ def start_relayd(
         config_path.write_text(config)
         command += ["--config", str(config_path)]
     command += list(args)
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("RELAYD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "JOURNAL_"))
-    }
+    environment = service_environment()
     environment["NOTIFY_SOCKET"] = str(notify_path)
     environment["RELAYD_CONFIG"] = str(tmp_path / "no-such-config.toml") if config is None else ""
     if config is None:
@@ -128,7 +140,7 @@ def start_relayd(
     if admin_key is not None:
         environment["RELAYD_ADMIN_KEY"] = admin_key
     environment.update(env or {})
-    with log_path.open("wb") as log_file:
+    with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,

@@ -354,76 +354,39 @@ def test_non_utf8_file(tmp_path: Path) -> None:
 # -- errors: values ---------------------------------------------------------------------
 
 
+def setting(key: str, value: str, *rest: str) -> tuple[str, ...]:
+    """A parametrize case: the TOML that sets ``key`` ("section.name") to ``value`` (TOML
+    text), the key, and the rest of the case."""
+    section, name = key.split(".")
+    return (f"[{section}]\n{name} = {value}", key, *rest)
+
+
 @pytest.mark.parametrize(
     ("text", "key", "expected"),
     [
-        ('[requests]\nmax_queue = "10"', "requests.max_queue", "expected an integer, got a string"),
-        (
-            "[agents]\nmax_inflight = true",
-            "agents.max_inflight",
-            "expected an integer, got a boolean",
+        setting("requests.max_queue", '"10"', "expected an integer, got a string"),
+        setting("agents.max_inflight", "true", "expected an integer, got a boolean"),
+        setting("agents.max_inflight", "1.5", "expected an integer, got a number"),
+        setting("agents.allow_loopback_without_key", "1", "expected true or false, got an integer"),
+        setting(
+            "agents.allow_loopback_without_key", '"yes"', "expected true or false, got a string"
         ),
-        (
-            "[agents]\nmax_inflight = 1.5",
-            "agents.max_inflight",
-            "expected an integer, got a number",
+        setting(
+            "requests.timeout", "30", 'expected a duration string such as "30s", got an integer'
         ),
-        (
-            "[agents]\nallow_loopback_without_key = 1",
-            "agents.allow_loopback_without_key",
-            "expected true or false, got an integer",
+        setting(
+            "server.max_body", "1048576", 'expected a size string such as "1MiB", got an integer'
         ),
-        (
-            '[agents]\nallow_loopback_without_key = "yes"',
-            "agents.allow_loopback_without_key",
-            "expected true or false, got a string",
-        ),
-        (
-            "[requests]\ntimeout = 30",
-            "requests.timeout",
-            'expected a duration string such as "30s", got an integer',
-        ),
-        (
-            "[server]\nmax_body = 1048576",
-            "server.max_body",
-            'expected a size string such as "1MiB", got an integer',
-        ),
-        (
-            '[server]\nlisten = "127.0.0.1:80"',
-            "server.listen",
-            "expected an array of non-empty strings",
-        ),
-        ('[server]\nlisten = [""]', "server.listen", "expected an array of non-empty strings"),
-        ("[server]\nlisten = [80]", "server.listen", "expected an array of non-empty strings"),
-        (
-            '[server]\nstate_dir = ""',
-            "server.state_dir",
-            "expected a non-empty string, got an empty string",
-        ),
-        (
-            "[server]\nstate_dir = 5",
-            "server.state_dir",
-            "expected a non-empty string, got an integer",
-        ),
-        (
-            '[server]\nlog_level = "verbose"',
-            "server.log_level",
-            "expected one of debug, info, warning",
-        ),
-        (
-            "[auth]\nadmin_key_file = []",
-            "auth.admin_key_file",
-            "expected a non-empty string, got an array",
-        ),
-        (
-            '[agents]\nkeys = ["a", 1]',
-            "agents.keys",
-            "expected an array of non-empty strings",
-        ),
-        (
-            "[conversations]\nttl = {h = 1}",
-            "conversations.ttl",
-            'expected a duration string such as "30s", got a table',
+        setting("server.listen", '"127.0.0.1:80"', "expected an array of non-empty strings"),
+        setting("server.listen", '[""]', "expected an array of non-empty strings"),
+        setting("server.listen", "[80]", "expected an array of non-empty strings"),
+        setting("server.state_dir", '""', "expected a non-empty string, got an empty string"),
+        setting("server.state_dir", "5", "expected a non-empty string, got an integer"),
+        setting("server.log_level", '"verbose"', "expected one of debug, info, warning"),
+        setting("auth.admin_key_file", "[]", "expected a non-empty string, got an array"),
+        setting("agents.keys", '["a", 1]', "expected an array of non-empty strings"),
+        setting(
+            "conversations.ttl", "{h = 1}", 'expected a duration string such as "30s", got a table'
         ),
     ],
 )
@@ -435,10 +398,10 @@ def test_wrong_type(tmp_path: Path, text: str, key: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ('[requests]\ntimeout = "5 parsecs"', "requests.timeout"),
-        ('[requests]\nqueue_timeout = "-1s"', "requests.queue_timeout"),
-        ('[agents]\nheartbeat_interval = "15"', "agents.heartbeat_interval"),
-        ('[conversations]\nttl = "1d"', "conversations.ttl"),
+        setting("requests.timeout", '"5 parsecs"'),
+        setting("requests.queue_timeout", '"-1s"'),
+        setting("agents.heartbeat_interval", '"15"'),
+        setting("conversations.ttl", '"1d"'),
     ],
 )
 def test_bad_duration(tmp_path: Path, text: str, key: str) -> None:
@@ -450,9 +413,9 @@ def test_bad_duration(tmp_path: Path, text: str, key: str) -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ('[server]\nmax_body = "1MB"', "server.max_body"),
-        ('[agents]\nmax_message = "lots"', "agents.max_message"),
-        ('[requests]\nmax_content = "-5KiB"', "requests.max_content"),
+        setting("server.max_body", '"1MB"'),
+        setting("agents.max_message", '"lots"'),
+        setting("requests.max_content", '"-5KiB"'),
     ],
 )
 def test_bad_size(tmp_path: Path, text: str, key: str) -> None:
@@ -463,37 +426,17 @@ def test_bad_size(tmp_path: Path, text: str, key: str) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "expected"),
     [
-        ("[agents]\nmax_inflight = 0", "agents.max_inflight", "expected at least 1, got 0"),
-        ("[agents]\nmax_inflight = 1001", "agents.max_inflight", "expected at most 1000, got 1001"),
-        ("[requests]\nmax_queue = -1", "requests.max_queue", "expected at least 0, got -1"),
-        (
-            "[requests]\nmax_attempts = 101",
-            "requests.max_attempts",
-            "expected at most 100, got 101",
-        ),
-        ("[conversations]\nmax = 0", "conversations.max", "expected at least 1, got 0"),
-        (
-            '[agents]\nheartbeat_interval = "0s"',
-            "agents.heartbeat_interval",
-            "expected at least 10ms, got '0s'",
-        ),
-        (
-            '[server]\nshutdown_grace = "2h"',
-            "server.shutdown_grace",
-            "expected at most 1h, got '2h'",
-        ),
-        ('[server]\nmax_body = "512B"', "server.max_body", "expected at least 1KiB, got '512B'"),
-        ('[server]\nmax_body = "2GiB"', "server.max_body", "expected at most 1GiB, got '2GiB'"),
-        (
-            '[requests]\nmax_content = "0B"',
-            "requests.max_content",
-            "expected at least 1B, got '0B'",
-        ),
-        (
-            '[conversations]\nttl = "500ms"',
-            "conversations.ttl",
-            "expected at least 1s, got '500ms'",
-        ),
+        setting("agents.max_inflight", "0", "expected at least 1, got 0"),
+        setting("agents.max_inflight", "1001", "expected at most 1000, got 1001"),
+        setting("requests.max_queue", "-1", "expected at least 0, got -1"),
+        setting("requests.max_attempts", "101", "expected at most 100, got 101"),
+        setting("conversations.max", "0", "expected at least 1, got 0"),
+        setting("agents.heartbeat_interval", '"0s"', "expected at least 10ms, got '0s'"),
+        setting("server.shutdown_grace", '"2h"', "expected at most 1h, got '2h'"),
+        setting("server.max_body", '"512B"', "expected at least 1KiB, got '512B'"),
+        setting("server.max_body", '"2GiB"', "expected at most 1GiB, got '2GiB'"),
+        setting("requests.max_content", '"0B"', "expected at least 1B, got '0B'"),
+        setting("conversations.ttl", '"500ms"', "expected at least 1s, got '500ms'"),
     ],
 )
 def test_out_of_range(tmp_path: Path, text: str, key: str, expected: str) -> None:

@@ -31,7 +31,16 @@ from relayd.errors import (
     UnknownConversation,
 )
 from relayd.protocol import AgentError, CloseCode, Reply, Request
-from tests.memory_transport import HANG_UP, Connected, HangUp, connect_agent, echo
+from tests.memory_transport import (
+    HANG_UP,
+    Background,
+    Connected,
+    HangUp,
+    connect_agent,
+    echo,
+    in_background,
+    never,
+)
 
 TIMEOUT = 60.0
 QUEUE_TIMEOUT = 20.0
@@ -64,42 +73,25 @@ def question(content: str, **fields: Any) -> Question:
     return Question(content=content, user_id=fields.pop("user_id", "user-1"), **fields)
 
 
-class Pending:
-    """An ask() running in the background."""
+def follow_up(first: Answer, content: str, **fields: Any) -> Question:
+    """A question that continues ``first``'s conversation."""
+    return question(content, conversation_id=first.conversation_id, **fields)
+
+
+class Pending(Background[Answer]):
+    """An ask() running in the background (a RelayError is its error)."""
 
     def __init__(self, dispatcher: Dispatcher, q: Question) -> None:
-        self.dispatcher = dispatcher
-        self.question = q
-        self.done = trio.Event()
-        self.answer: Answer | None = None
-        self.error: RelayError | None = None
-        self.at: float | None = None
-        self.scope = trio.CancelScope()
+        super().__init__(lambda: dispatcher.ask(q), RelayError)
 
-    async def run(self) -> None:
-        try:
-            with self.scope:
-                self.answer = await self.dispatcher.ask(self.question)
-        except RelayError as error:
-            self.error = error
-        finally:
-            self.at = trio.current_time()
-            self.done.set()
-
-    async def result(self) -> Answer:
-        await self.done.wait()
-        if self.error is not None:
-            raise self.error
-        assert self.answer is not None, "cancelled"
-        return self.answer
+    @property
+    def answer(self) -> Answer | None:
+        return self.value
 
 
 async def spawn(nursery: trio.Nursery, dispatcher: Dispatcher, q: Question) -> Pending:
     """Start an ask and let everything settle (so it is queued or at an agent)."""
-    pending = Pending(dispatcher, q)
-    nursery.start_soon(pending.run)
-    await trio.testing.wait_all_tasks_blocked()
-    return pending
+    return await in_background(nursery, Pending(dispatcher, q))
 
 
 def gated(gate: trio.Event, contents: tuple[str, ...] = ("busy",)) -> Callable[..., Any]:
@@ -114,12 +106,17 @@ def gated(gate: trio.Event, contents: tuple[str, ...] = ("busy",)) -> Callable[.
     return handle
 
 
-async def never(request: Request) -> None:
-    await trio.sleep_forever()
-
-
 async def fail(request: Request) -> AgentError:
     return request.fail("Unknown error")
+
+
+async def held_busy(
+    nursery: trio.Nursery, dispatcher: Dispatcher
+) -> tuple[Connected, Pending, trio.Event]:
+    """An agent that holds the question "busy" (asked here) until the returned gate is set."""
+    gate = trio.Event()
+    agent = await connect_agent(nursery, dispatcher, gated(gate))
+    return agent, await spawn(nursery, dispatcher, question("busy")), gate
 
 
 def contents(agent: Connected) -> list[str]:
@@ -241,10 +238,8 @@ async def test_queue_timeout(autojump_clock: trio.testing.MockClock, nursery: tr
 
 async def test_queue_full(autojump_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
     dispatcher = make_dispatcher(requests={"max_queue": 1})
-    gate = trio.Event()
     with trio.fail_after(600):
-        agent = await connect_agent(nursery, dispatcher, gated(gate))
-        busy = await spawn(nursery, dispatcher, question("busy"))
+        agent, busy, gate = await held_busy(nursery, dispatcher)
         queued = await spawn(nursery, dispatcher, question("queued"))
         assert dispatcher.queued == 1
         start = trio.current_time()
@@ -301,10 +296,8 @@ async def test_waiters_are_served_in_fifo_order(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     dispatcher = make_dispatcher()
-    gate = trio.Event()
     with trio.fail_after(600):
-        agent = await connect_agent(nursery, dispatcher, gated(gate))
-        busy = await spawn(nursery, dispatcher, question("busy"))
+        agent, busy, gate = await held_busy(nursery, dispatcher)
         waiters = [await spawn(nursery, dispatcher, question(f"w{n}")) for n in range(6)]
         assert dispatcher.queued == 6
         gate.set()
@@ -328,13 +321,9 @@ async def test_fifo_across_conversation_and_new_requests(
         busy = await spawn(nursery, dispatcher, question("busy"))
         order = [
             await spawn(nursery, dispatcher, question("new-1")),
-            await spawn(
-                nursery, dispatcher, question("turn-2", conversation_id=first.conversation_id)
-            ),
+            await spawn(nursery, dispatcher, follow_up(first, "turn-2")),
             await spawn(nursery, dispatcher, question("new-2")),
-            await spawn(
-                nursery, dispatcher, question("turn-3", conversation_id=first.conversation_id)
-            ),
+            await spawn(nursery, dispatcher, follow_up(first, "turn-3")),
         ]
         gate.set()
         for pending in order:
@@ -368,11 +357,9 @@ async def test_a_waiter_cancelled_before_it_runs_passes_its_slot_on(
     frees and is handed to it: it must hand the slot to the next waiter."""
     dispatcher = make_dispatcher(cls=Hooked)
     assert isinstance(dispatcher, Hooked)
-    gate = trio.Event()
     handed: list[tuple[int, int]] = []
     with trio.fail_after(600):
-        agent = await connect_agent(nursery, dispatcher, gated(gate))
-        busy = await spawn(nursery, dispatcher, question("busy"))
+        agent, busy, gate = await held_busy(nursery, dispatcher)
         first = await spawn(nursery, dispatcher, question("cancelled"))
         second = await spawn(nursery, dispatcher, question("second"))
         dispatcher.before = lambda session: first.scope.cancel()
@@ -436,10 +423,8 @@ async def test_a_waiter_cancelled_in_the_queue_leaves_it(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     dispatcher = make_dispatcher()
-    gate = trio.Event()
     with trio.fail_after(600):
-        agent = await connect_agent(nursery, dispatcher, gated(gate))
-        busy = await spawn(nursery, dispatcher, question("busy"))
+        agent, busy, gate = await held_busy(nursery, dispatcher)
         leaving = await spawn(nursery, dispatcher, question("leaving"))
         staying = await spawn(nursery, dispatcher, question("staying"))
         leaving.scope.cancel()
@@ -599,10 +584,8 @@ async def test_a_retry_waits_for_an_agent_it_has_not_tried(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     dispatcher = make_dispatcher()
-    gate = trio.Event()
     with trio.fail_after(600):
-        steady = await connect_agent(nursery, dispatcher, gated(gate))
-        busy = await spawn(nursery, dispatcher, question("busy"))
+        steady, busy, gate = await held_busy(nursery, dispatcher)
         flaky = await connect_agent(nursery, dispatcher, fail)
         pending = await spawn(nursery, dispatcher, question("hello"))
         # The flaky agent failed it and is free again, but the retry must not go back to it.
@@ -624,10 +607,8 @@ async def test_a_new_request_may_use_an_agent_a_queued_retry_excludes(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     dispatcher = make_dispatcher()
-    gate = trio.Event()
     with trio.fail_after(600):
-        await connect_agent(nursery, dispatcher, gated(gate))
-        await spawn(nursery, dispatcher, question("busy"))
+        _, _, gate = await held_busy(nursery, dispatcher)
         calls = 0
 
         async def fail_once(request: Request) -> Reply | AgentError:
@@ -660,13 +641,9 @@ async def test_turns_of_a_conversation_go_to_its_agent_with_the_last_response_as
         agents = [await connect_agent(nursery, dispatcher) for _ in range(3)]
         first = await dispatcher.ask(question("turn-1"))
         owner = next(agent for agent in agents if agent.agent_id == first.agent_id)
-        second = await dispatcher.ask(
-            question("turn-2", conversation_id=first.conversation_id, parent_id=first.response_id)
-        )
-        third = await dispatcher.ask(question("turn-3", conversation_id=first.conversation_id))
-        explicit = await dispatcher.ask(
-            question("turn-4", conversation_id=first.conversation_id, parent_id="chosen-parent")
-        )
+        second = await dispatcher.ask(follow_up(first, "turn-2", parent_id=first.response_id))
+        third = await dispatcher.ask(follow_up(first, "turn-3"))
+        explicit = await dispatcher.ask(follow_up(first, "turn-4", parent_id="chosen-parent"))
     assert {second.agent_id, third.agent_id, explicit.agent_id} == {owner.agent_id}
     assert contents(owner) == ["turn-1", "turn-2", "turn-3", "turn-4"]
     requests = owner.agent.requests
@@ -692,7 +669,7 @@ async def test_a_conversation_turn_is_never_retried(
         agents = [await connect_agent(nursery, dispatcher, fail_turns) for _ in range(3)]
         first = await dispatcher.ask(question("turn-1"))
         with pytest.raises(AgentFailed, match="turn failed"):
-            await dispatcher.ask(question("turn-2", conversation_id=first.conversation_id))
+            await dispatcher.ask(follow_up(first, "turn-2"))
     turns = [r for agent in agents for r in agent.agent.requests if r.conversation_id]
     assert len(turns) == 1
     assert_idle(dispatcher)
@@ -711,7 +688,7 @@ async def test_a_conversation_turn_lost_with_its_agent_fails(
         agents = [await connect_agent(nursery, dispatcher, vanish_on_turns) for _ in range(2)]
         first = await dispatcher.ask(question("turn-1"))
         with pytest.raises(AgentFailed, match="disconnected"):
-            await dispatcher.ask(question("turn-2", conversation_id=first.conversation_id))
+            await dispatcher.ask(follow_up(first, "turn-2"))
     assert sum(len(agent.agent.requests) for agent in agents) == 2
 
 
@@ -725,9 +702,7 @@ async def test_a_conversation_turn_waits_for_its_agents_capacity(
         first = await dispatcher.ask(question("turn-1"))
         busy = await spawn(nursery, dispatcher, question("busy"))
         other = await connect_agent(nursery, dispatcher)
-        turn = await spawn(
-            nursery, dispatcher, question("turn-2", conversation_id=first.conversation_id)
-        )
+        turn = await spawn(nursery, dispatcher, follow_up(first, "turn-2"))
         await trio.sleep(5)
         assert not turn.done.is_set()
         assert other.agent.requests == []
@@ -753,14 +728,8 @@ async def test_unknown_or_foreign_conversation(
         with pytest.raises(UnknownConversation):
             await dispatcher.ask(question("x", conversation_id="no-such-conversation"))
         with pytest.raises(UnknownConversation):
-            await dispatcher.ask(
-                question("x", user_id="bob", conversation_id=first.conversation_id)
-            )
-        admin = await dispatcher.ask(
-            question(
-                "as admin", user_id="admin", is_admin=True, conversation_id=first.conversation_id
-            )
-        )
+            await dispatcher.ask(follow_up(first, "x", user_id="bob"))
+        admin = await dispatcher.ask(follow_up(first, "as admin", user_id="admin", is_admin=True))
     assert admin.agent_id == agent.agent_id
     assert contents(agent) == ["turn-1", "as admin"]
 
@@ -776,13 +745,10 @@ async def test_a_turn_waits_for_its_agent_to_reconnect_and_reclaim_its_id(
         agent = await connect_agent(nursery, dispatcher, credential="key:aaaa")
         old_id = agent.agent_id
         first = await dispatcher.ask(question("turn-1"))
-        agent.hang_up()
-        await agent.end.wait_closed()
+        await agent.hang_up_and_wait()
         assert old_id not in dispatcher.pool
         start = trio.current_time()
-        turn = await spawn(
-            nursery, dispatcher, question("turn-2", conversation_id=first.conversation_id)
-        )
+        turn = await spawn(nursery, dispatcher, follow_up(first, "turn-2"))
         await trio.sleep(GRACE - 1)
         assert not turn.done.is_set()
         back = await connect_agent(nursery, dispatcher, credential="key:aaaa", reclaim_id=old_id)
@@ -808,11 +774,10 @@ async def test_a_turn_whose_agent_does_not_come_back_fails_after_the_grace(
         owner_id = first.agent_id
         owner = agent if agent.agent_id == owner_id else None
         assert owner is not None
-        owner.hang_up()
-        await owner.end.wait_closed()
+        await owner.hang_up_and_wait()
         start = trio.current_time()
         with pytest.raises(ConversationAgentGone) as info:
-            await dispatcher.ask(question("turn-2", conversation_id=first.conversation_id))
+            await dispatcher.ask(follow_up(first, "turn-2"))
     assert trio.current_time() - start == pytest.approx(GRACE)
     assert info.value.retry_after is not None
     assert dispatcher.queued == 0
@@ -826,11 +791,8 @@ async def test_reclaim_with_a_different_credential_gets_a_fresh_id(
         agent = await connect_agent(nursery, dispatcher, credential="key:aaaa")
         old_id = agent.agent_id
         first = await dispatcher.ask(question("turn-1"))
-        agent.hang_up()
-        await agent.end.wait_closed()
-        turn = await spawn(
-            nursery, dispatcher, question("turn-2", conversation_id=first.conversation_id)
-        )
+        await agent.hang_up_and_wait()
+        turn = await spawn(nursery, dispatcher, follow_up(first, "turn-2"))
         impostor = await connect_agent(
             nursery, dispatcher, credential="key:bbbb", reclaim_id=old_id
         )
@@ -868,7 +830,7 @@ async def test_reclaim_closes_the_older_socket_with_a_clear_reason(
         first = await dispatcher.ask(question("turn-1"))
         newer = await connect_agent(nursery, dispatcher, reclaim_id=agent_id)
         await older.end.wait_closed()
-        answer = await dispatcher.ask(question("turn-2", conversation_id=first.conversation_id))
+        answer = await dispatcher.ask(follow_up(first, "turn-2"))
     assert older.end.close_code == CloseCode.NORMAL
     assert older.end.close_reason == "replaced by a newer connection with this id"
     assert newer.agent_id == agent_id
@@ -922,10 +884,8 @@ async def test_close_answers_waiters_with_shutting_down(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     dispatcher = make_dispatcher(requests={"wait_for_agent": "30s"})
-    gate = trio.Event()
     with trio.fail_after(600):
-        agent = await connect_agent(nursery, dispatcher, gated(gate))
-        busy = await spawn(nursery, dispatcher, question("busy"))
+        agent, busy, gate = await held_busy(nursery, dispatcher)
         waiters = [await spawn(nursery, dispatcher, question(f"w{n}")) for n in range(3)]
         start = trio.current_time()
         dispatcher.close()

@@ -620,19 +620,28 @@ def big_handler(answered: int, done: trio.Event) -> Callable[[AgentRequest], Any
 BIG_CONFIG = '[server]\nshutdown_grace = "1s"\n[agents]\nmax_message = "32MiB"\n'
 
 
+async def start_big_agent(
+    nursery: trio.Nursery, client: httpx.AsyncClient, relayd: Relayd, answered: int
+) -> trio.Event:
+    """A real agent on `big_handler`, admitted; the event is set once it has answered
+    ``answered`` requests."""
+    done = trio.Event()
+    agent_id = await nursery.start(
+        lambda task_status: run_agent(
+            relayd.agent_url, big_handler(answered, done), task_status=task_status
+        )
+    )
+    await wait_for_agents(client, relayd, lambda ids: agent_id in ids)
+    return done
+
+
 async def test_a_client_that_never_reads_does_not_block_others(
     relayd_factory: StartRelayd,
 ) -> None:
     relayd = relayd_factory(config=BIG_CONFIG)
-    answered = trio.Event()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery, http_client(relayd) as client:
-            agent_id = await nursery.start(
-                lambda task_status: run_agent(
-                    relayd.agent_url, big_handler(3, answered), task_status=task_status
-                )
-            )
-            await wait_for_agents(client, relayd, lambda ids: agent_id in ids)
+            answered = await start_big_agent(nursery, client, relayd, 3)
             stuck = [await open_non_reading_client(relayd) for _ in range(3)]
             await answered.wait()
             await trio.sleep(0.5)  # relayd is now blocked writing 3 x 8 MB
@@ -650,15 +659,9 @@ async def test_shutdown_with_a_client_that_never_reads(relayd_factory: StartRela
     """SIGTERM with a peer stuck in a write: a clean exit (0) once shutdown_grace (1 s)
     and Hypercorn's grace for what is left of connections are over, plus a margin."""
     relayd = relayd_factory(config=BIG_CONFIG)
-    answered = trio.Event()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery, http_client(relayd) as client:
-            agent_id = await nursery.start(
-                lambda task_status: run_agent(
-                    relayd.agent_url, big_handler(1, answered), task_status=task_status
-                )
-            )
-            await wait_for_agents(client, relayd, lambda ids: agent_id in ids)
+            answered = await start_big_agent(nursery, client, relayd, 1)
             stuck = await open_non_reading_client(relayd)
             await answered.wait()
             await trio.sleep(0.5)

@@ -58,7 +58,10 @@ def verify_problems(systemd_analyze: str, unit: Path) -> list[str]:
     """
     result = subprocess.run(
         [systemd_analyze, "verify", str(unit)],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
     )
     lines = (result.stdout + result.stderr).splitlines()
     ours = [line for line in lines if unit.name in line]
@@ -84,7 +87,10 @@ VERIFY_CASES = [
 
 @pytest.mark.parametrize(("name", "edit", "problem"), VERIFY_CASES)
 def test_systemd_analyze_verify(
-    systemd_analyze: str, tmp_path: Path, name: str, edit: tuple[str, str] | None,
+    systemd_analyze: str,
+    tmp_path: Path,
+    name: str,
+    edit: tuple[str, str] | None,
     problem: str | None,
 ) -> None:
     text = (UNITS / name).read_text()
@@ -106,9 +112,7 @@ def test_systemd_analyze_verify(
         assert any(problem in line for line in problems), problems
 
 
-def test_verify_reports_the_unexecutable_default_path(
-    systemd_analyze: str, tmp_path: Path
-) -> None:
+def test_verify_reports_the_unexecutable_default_path(systemd_analyze: str, tmp_path: Path) -> None:
     # Why ExecStart is rewritten above (and proof that a non-zero exit is caught).
     if Path("/usr/bin/relayd").exists():
         pytest.skip("relayd is installed here")  # only this precondition may skip
@@ -121,9 +125,11 @@ def test_verify_reports_the_unexecutable_default_path(
 
 def test_security_exposure(systemd_analyze: str) -> None:
     result = subprocess.run(
-        [systemd_analyze, "security", "--offline=yes", "--no-pager",
-         str(UNITS / "relayd.service")],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "SYSTEMD_COLORS": "0"},
+        [systemd_analyze, "security", "--offline=yes", "--no-pager", str(UNITS / "relayd.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_COLORS": "0"},
     )
     match = re.search(r"Overall exposure level for relayd\.service: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
@@ -166,21 +172,31 @@ def config_src(tmp_path: Path) -> Path:
 
 def run_script(script: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        ["bash", str(script), *args], env={**os.environ, **env},
-        capture_output=True, text=True, timeout=600,
+        ["bash", str(script), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 
-@pytest.mark.slow
-def test_install_reinstall_uninstall(tmp_path: Path, config_src: Path) -> None:
-    root = tmp_path / "root"
-    env = {
+def install_env(root: Path, config_src: Path, **extra: str) -> dict[str, str]:
+    """The install scripts' environment: install under ``root`` with ``config_src`` as the
+    default config and this Python, plus ``extra``."""
+    return {
         "DESTDIR": str(root),
         "RELAYD_CONFIG_SRC": str(config_src),
         "RELAYD_PYTHON": sys.executable,
+        **extra,
     }
+
+
+@pytest.mark.slow
+def test_install_reinstall_uninstall(tmp_path: Path, config_src: Path) -> None:
+    root = tmp_path / "root"
+    env = install_env(root, config_src)
     out = run_script(INSTALL, env).stdout
     assert "systemctl enable --now relayd" in out
     assert "install -m 600 /dev/stdin /etc/relayd/admin_key" in out
@@ -189,7 +205,8 @@ def test_install_reinstall_uninstall(tmp_path: Path, config_src: Path) -> None:
     python = root / "opt/relayd/bin/python"
     subprocess.run(
         [str(python), "-c", "import relayd.systemd, relayd.logs, hypercorn, quart_trio"],
-        check=True, timeout=60,
+        check=True,
+        timeout=60,
     )
     assert (root / "opt/relayd/bin/relayd").exists()
     link = root / "usr/bin/relayd"
@@ -227,14 +244,13 @@ def test_install_reinstall_uninstall(tmp_path: Path, config_src: Path) -> None:
 
 def test_install_with_custom_paths(tmp_path: Path, config_src: Path) -> None:
     root = tmp_path / "root"
-    env = {
-        "DESTDIR": str(root),
-        "RELAYD_CONFIG_SRC": str(config_src),
-        "RELAYD_PYTHON": sys.executable,
-        "RELAYD_SKIP_PIP": "1",
-        "RELAYD_BINDIR": "/usr/local/bin",
-        "RELAYD_CONFDIR": "/srv/relayd-etc",
-    }
+    env = install_env(
+        root,
+        config_src,
+        RELAYD_SKIP_PIP="1",
+        RELAYD_BINDIR="/usr/local/bin",
+        RELAYD_CONFDIR="/srv/relayd-etc",
+    )
     run_script(INSTALL, env, "--prefix", "/srv/relayd-venv")
     assert os.readlink(root / "usr/local/bin/relayd") == "/srv/relayd-venv/bin/relayd"
     assert (root / "srv/relayd-venv/pyvenv.cfg").exists()
@@ -255,8 +271,7 @@ def test_install_with_custom_paths(tmp_path: Path, config_src: Path) -> None:
 
 def test_scripts_refuse_to_clobber(tmp_path: Path, config_src: Path) -> None:
     root = tmp_path / "root"
-    env = {**os.environ, "DESTDIR": str(root), "RELAYD_CONFIG_SRC": str(config_src),
-           "RELAYD_PYTHON": sys.executable, "RELAYD_SKIP_PIP": "1"}
+    env = {**os.environ, **install_env(root, config_src, RELAYD_SKIP_PIP="1")}
     (root / "usr/bin").mkdir(parents=True)
     (root / "usr/bin/relayd").write_text("someone else's relayd\n")
     result = subprocess.run(["bash", str(INSTALL)], env=env, capture_output=True, text=True)

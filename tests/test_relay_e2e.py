@@ -76,6 +76,15 @@ async def start_agent(nursery: trio.Nursery, url: str, handler: Handler, **kwarg
     return agent
 
 
+async def start_admitted(
+    nursery: trio.Nursery, http: httpx.AsyncClient, relayd: Relayd, handler: Handler
+) -> Agent:
+    """`start_agent`, then wait until relayd lists exactly that agent."""
+    agent = await start_agent(nursery, relayd.agent_url, handler)
+    await wait_for_agents(http, relayd, ids={agent.id})
+    return agent
+
+
 def admin(relayd: Relayd) -> dict[str, str]:
     return {"Authorization": relayd.admin_key}
 
@@ -207,8 +216,7 @@ async def test_conversation_affinity_over_several_turns(relayd: Relayd) -> None:
 async def test_an_agent_reconnects_and_reclaims_its_id_and_conversation(relayd: Relayd) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery, client(relayd) as http:
-            first_agent = await start_agent(nursery, relayd.agent_url, echo_handler())
-            await wait_for_agents(http, relayd, ids={first_agent.id})
+            first_agent = await start_admitted(nursery, http, relayd, echo_handler())
             first = (await ask(http, relayd, content="turn 1")).json()
             first_agent.kill()
             await first_agent.finished.wait()
@@ -421,8 +429,7 @@ async def test_garbage_and_oversized_frames(relayd_factory: Callable[..., Relayd
                         await ws.get_message()
             await wait_for_agents(http, relayd, count=0)
             # The daemon still serves: a new agent gets the next question.
-            fresh = await start_agent(nursery, relayd.agent_url, echo_handler())
-            await wait_for_agents(http, relayd, ids={fresh.id})
+            await start_admitted(nursery, http, relayd, echo_handler())
             response = await ask(http, relayd, content="still serving")
             health = await http.get("/health")
             nursery.cancel_scope.cancel()
@@ -490,8 +497,7 @@ async def test_a_wrong_key_is_403_even_from_loopback(relayd_factory: Callable[..
         assert status == 403
         # Without a key, loopback is still allowed by default.
         async with trio.open_nursery() as nursery, client(relayd) as http:
-            agent = await start_agent(nursery, relayd.agent_url, echo_handler())
-            await wait_for_agents(http, relayd, ids={agent.id})
+            await start_admitted(nursery, http, relayd, echo_handler())
             nursery.cancel_scope.cancel()
 
 
@@ -501,8 +507,7 @@ async def test_a_wrong_key_is_403_even_from_loopback(relayd_factory: Callable[..
 async def test_api_connections(relayd: Relayd) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery, client(relayd) as http:
-            agent = await start_agent(nursery, relayd.agent_url, echo_handler())
-            await wait_for_agents(http, relayd, ids={agent.id})
+            agent = await start_admitted(nursery, http, relayd, echo_handler())
             assert (await ask(http, relayd, content="hello")).status_code == 200
             raw = await http.get("/api/connections", headers={"Authorization": relayd.admin_key})
             bearer = await http.get(
@@ -675,8 +680,7 @@ async def test_handler_errors_are_retried_on_other_agents(relayd: Relayd) -> Non
 async def test_shutdown_closes_agents_with_going_away(relayd: Relayd) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery, client(relayd) as http:
-            agent = await start_agent(nursery, relayd.agent_url, echo_handler())
-            await wait_for_agents(http, relayd, ids={agent.id})
+            agent = await start_admitted(nursery, http, relayd, echo_handler())
             assert (await ask(http, relayd, content="before")).status_code == 200
             code = await trio.to_thread.run_sync(relayd.stop)
             await agent.finished.wait()

@@ -25,7 +25,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from relayd.agentkit import AgentStats, run_agent
 from relayd.protocol import AgentConnection, Greeting, Request
-from tests.support import ADMIN_KEY, Relayd, relayd_command, stop_all
+from tests.support import ADMIN_KEY, Relayd, relayd_command, start_relayd, stop_all
 
 REPO = Path(__file__).resolve().parents[1]
 STEP = 10.0  # bound on any one step that should take well under a second
@@ -136,6 +136,22 @@ async def reload(relayd: Relayd) -> str:
     await notification(relayd, "RELOADING=1")
     ready = await notification(relayd, "READY=1")
     return ready.get("STATUS", "")
+
+
+async def reload_ok(relayd: Relayd) -> None:
+    """`reload`, which must not fail."""
+    status = await reload(relayd)
+    assert "reload failed" not in status, status
+
+
+@contextlib.asynccontextmanager
+async def serving(relayd: Relayd) -> AsyncIterator[tuple[trio.Nursery, httpx.AsyncClient]]:
+    """Within 30 s: a nursery for the test's agents and a client; the agents are cancelled
+    when the body is done."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery, client_for(relayd) as client:
+            yield nursery, client
+            nursery.cancel_scope.cancel()
 
 
 class Gate:
@@ -308,31 +324,29 @@ async def test_broken_config_on_reload_keeps_everything_running(
     config = tmp_path / "relayd.toml"
     good = '[requests]\ntimeout = "30s"\n'
     relayd = start_with_config(relayd_factory, config, good)
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery, client_for(relayd) as client:
-            agent = await start_agent(nursery, relayd, Gate())
-            assert (await ask(client, ADMIN_KEY, "before")).status_code == 200
+    async with serving(relayd) as (nursery, client):
+        agent = await start_agent(nursery, relayd, Gate())
+        assert (await ask(client, ADMIN_KEY, "before")).status_code == 200
 
-            broken = (
-                (good + "[server]\nbogus_key = 1\n", "server.bogus_key"),
-                ("this is [not toml\n", "invalid TOML"),
-            )
-            for number, (text, what) in enumerate(broken, start=1):
-                write_config(config, text)
-                status = await reload(relayd)
-                assert "reload failed" in status, status
-                errors = [line for line in relayd.log.splitlines() if " ERROR " in line]
-                assert len(errors) == number, relayd.log
-                assert str(config) in errors[-1] and what in errors[-1], errors[-1]
+        broken = (
+            (good + "[server]\nbogus_key = 1\n", "server.bogus_key"),
+            ("this is [not toml\n", "invalid TOML"),
+        )
+        for number, (text, what) in enumerate(broken, start=1):
+            write_config(config, text)
+            status = await reload(relayd)
+            assert "reload failed" in status, status
+            errors = [line for line in relayd.log.splitlines() if " ERROR " in line]
+            assert len(errors) == number, relayd.log
+            assert str(config) in errors[-1] and what in errors[-1], errors[-1]
 
-                health = await client.get("/health")
-                assert (health.status_code, health.text) == (200, "OK")
-                answer = await ask(client, ADMIN_KEY, f"after {number}")
-                assert answer.status_code == 200, answer.text
-                assert answer.json()["content"] == f"echo:after {number}"
-                assert not agent.gone.is_set() and agent.stats.close_code is None
-            assert agent.stats.replies == 3
-            nursery.cancel_scope.cancel()
+            health = await client.get("/health")
+            assert (health.status_code, health.text) == (200, "OK")
+            answer = await ask(client, ADMIN_KEY, f"after {number}")
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["content"] == f"echo:after {number}"
+            assert not agent.gone.is_set() and agent.stats.close_code is None
+        assert agent.stats.replies == 3
     assert await exit_code_after_stop(relayd) == 0
 
 
@@ -341,23 +355,20 @@ async def test_user_added_on_disk_works_only_after_sighup(
 ) -> None:
     config = tmp_path / "relayd.toml"
     relayd = start_with_config(relayd_factory, config, '[requests]\ntimeout = "30s"\n')
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery, client_for(relayd) as client:
-            agent = await start_agent(nursery, relayd, Gate())
-            # The working spelling: --state-dir before the action (see the next test).
-            token = await add_user(config, "users", "--state-dir", str(relayd.state_dir),
-                                   "add", "--json", "--name", "late")  # fmt: skip
+    async with serving(relayd) as (nursery, client):
+        agent = await start_agent(nursery, relayd, Gate())
+        # The working spelling: --state-dir before the action (see the next test).
+        token = await add_user(config, "users", "--state-dir", str(relayd.state_dir),
+                               "add", "--json", "--name", "late")  # fmt: skip
 
-            refused = await ask(client, token, "too early")
-            assert refused.status_code == 401, refused.text
+        refused = await ask(client, token, "too early")
+        assert refused.status_code == 401, refused.text
 
-            status = await reload(relayd)
-            assert "reload failed" not in status, status
-            answered = await ask(client, token, "now")
-            assert answered.status_code == 200, answered.text
-            assert answered.json()["content"] == "echo:now"
-            assert agent.stats.contents == ["now"]
-            nursery.cancel_scope.cancel()
+        await reload_ok(relayd)
+        answered = await ask(client, token, "now")
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["content"] == "echo:now"
+        assert agent.stats.contents == ["now"]
     assert await exit_code_after_stop(relayd) == 0
 
 
@@ -367,16 +378,14 @@ async def test_users_add_as_the_readme_spells_it_then_sighup(
     # README: `sudo relayd users add --name alice --state-dir /var/lib/relayd`, then reload.
     config = tmp_path / "relayd.toml"
     relayd = start_with_config(relayd_factory, config, '[requests]\ntimeout = "30s"\n')
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery, client_for(relayd) as client:
-            await start_agent(nursery, relayd, Gate())
-            token = await add_user(config, "users", "add", "--json", "--name", "alice",
-                                   "--state-dir", str(relayd.state_dir))  # fmt: skip
-            assert (await ask(client, token, "too early")).status_code == 401
-            assert "reload failed" not in await reload(relayd)
-            answered = await ask(client, token, "now")
-            assert answered.status_code == 200, answered.text
-            nursery.cancel_scope.cancel()
+    async with serving(relayd) as (nursery, client):
+        await start_agent(nursery, relayd, Gate())
+        token = await add_user(config, "users", "add", "--json", "--name", "alice",
+                               "--state-dir", str(relayd.state_dir))  # fmt: skip
+        assert (await ask(client, token, "too early")).status_code == 401
+        await reload_ok(relayd)
+        answered = await ask(client, token, "now")
+        assert answered.status_code == 200, answered.text
     assert await exit_code_after_stop(relayd) == 0
 
 
@@ -386,24 +395,21 @@ async def test_removed_agent_key_disconnects_only_its_agent(
     kept_key, removed_key = "kept-agent-key-0123456789", "removed-agent-key-0123456789"
     config = tmp_path / "relayd.toml"
     relayd = start_with_config(relayd_factory, config, keys_config(kept_key, removed_key))
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery, client_for(relayd) as client:
-            kept = await start_agent(nursery, relayd, Gate(), key=kept_key)
-            removed = await start_agent(nursery, relayd, Gate(), key=removed_key)
+    async with serving(relayd) as (nursery, client):
+        kept = await start_agent(nursery, relayd, Gate(), key=kept_key)
+        removed = await start_agent(nursery, relayd, Gate(), key=removed_key)
 
-            write_config(config, keys_config(kept_key))
-            status = await reload(relayd)
-            assert "reload failed" not in status, status
-            await gone(removed, relayd)
-            assert removed.stats.close_code == 1008, removed.stats
-            assert "agent key revoked" in relayd.log
+        write_config(config, keys_config(kept_key))
+        await reload_ok(relayd)
+        await gone(removed, relayd)
+        assert removed.stats.close_code == 1008, removed.stats
+        assert "agent key revoked" in relayd.log
 
-            for number in range(3):
-                answer = await ask(client, ADMIN_KEY, f"q{number}")
-                assert answer.status_code == 200, answer.text
-            assert kept.stats.contents[-3:] == ["q0", "q1", "q2"]
-            assert not kept.gone.is_set() and kept.stats.close_code is None
-            nursery.cancel_scope.cancel()
+        for number in range(3):
+            answer = await ask(client, ADMIN_KEY, f"q{number}")
+            assert answer.status_code == 200, answer.text
+        assert kept.stats.contents[-3:] == ["q0", "q1", "q2"]
+        assert not kept.gone.is_set() and kept.stats.close_code is None
     assert await exit_code_after_stop(relayd) == 0
 
 
@@ -412,22 +418,19 @@ async def test_new_request_timeout_applies_on_reload(
 ) -> None:
     config = tmp_path / "relayd.toml"
     relayd = start_with_config(relayd_factory, config, '[requests]\ntimeout = "30s"\n')
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery, client_for(relayd) as client:
-            agent = await start_agent(nursery, relayd, Gate(delay=3.0))
-            write_config(config, '[requests]\ntimeout = "1s"\n')
-            status = await reload(relayd)
-            assert "reload failed" not in status, status
+    async with serving(relayd) as (nursery, client):
+        agent = await start_agent(nursery, relayd, Gate(delay=3.0))
+        write_config(config, '[requests]\ntimeout = "1s"\n')
+        await reload_ok(relayd)
 
-            started = trio.current_time()
-            answer = await ask(client, ADMIN_KEY, "slow")
-            took = trio.current_time() - started
-            # Under the old 30s timeout this would be a 200 after the agent's 3s.
-            assert answer.status_code == 504, answer.text
-            assert 0.8 <= took <= 2.5, took
-            assert "requests.timeout (1s)" in answer.json()["error"]
-            assert not agent.gone.is_set()
-            nursery.cancel_scope.cancel()
+        started = trio.current_time()
+        answer = await ask(client, ADMIN_KEY, "slow")
+        took = trio.current_time() - started
+        # Under the old 30s timeout this would be a 200 after the agent's 3s.
+        assert answer.status_code == 504, answer.text
+        assert 0.8 <= took <= 2.5, took
+        assert "requests.timeout (1s)" in answer.json()["error"]
+        assert not agent.gone.is_set()
     assert await exit_code_after_stop(relayd) == 0
 
 
@@ -447,7 +450,7 @@ async def test_agent_mid_handshake_during_reload_cannot_keep_a_revoked_key(
             greeting = connection.receive_text(str(await ws.get_message()))
             assert isinstance(greeting, Greeting), greeting
             write_config(config, keys_config(kept_key))
-            assert "reload failed" not in await reload(relayd)
+            await reload_ok(relayd)
             await ws.send_message(connection.send(greeting.accept()))
             with trio.move_on_after(3):
                 try:
@@ -615,41 +618,18 @@ async def test_socket_activation(tmp_path: Path) -> None:
 
 
 def start_under_journal(tmp_path: Path, config: Path) -> Relayd:
-    """As `tests.support.start_relayd`, but with stderr on a file that ``$JOURNAL_STREAM``
-    names, the way systemd connects a service's stderr to journald."""
+    """`tests.support.start_relayd` (not waiting for READY=1), but with stderr on a file that
+    ``$JOURNAL_STREAM`` names, the way systemd connects a service's stderr to journald."""
     log_path = tmp_path / "journal.log"
     log_path.touch()
     stat = os.stat(log_path)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    notify_path = tmp_path / "journal-notify.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("RELAYD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "JOURNAL_"))
-    }
-    environment |= {
-        "NOTIFY_SOCKET": str(notify_path),
-        "RELAYD_ADMIN_KEY": ADMIN_KEY,
-        "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}",
-    }
-    command = [*relayd_command(), "serve", "--listen", f"fd://{listener.fileno()}",
-               "--state-dir", str(tmp_path / "state"), "--config", str(config)]  # fmt: skip
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            pass_fds=(listener.fileno(),),
-        )
-    relayd = Relayd(process, listener.getsockname()[1], tmp_path / "state", log_path, notify)
-    listener.close()
-    return relayd
+    return start_relayd(
+        tmp_path,
+        args=["--config", str(config)],
+        env={"JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"},
+        wait_ready=False,
+        log_path=log_path,
+    )
 
 
 async def test_journald_priorities_and_no_timestamps(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ times asserted are exact. The host is the real Dispatcher.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -21,7 +23,18 @@ from relayd.agents.session import (
 from relayd.config import parse_config
 from relayd.dispatch import Dispatcher
 from relayd.protocol import AgentError, CloseCode, Reply, Request
-from tests.memory_transport import Connected, MemoryAgent, connect_agent, echo, transport_pair
+from tests.memory_transport import (
+    AgentEnd,
+    Background,
+    Connected,
+    MemoryAgent,
+    RelayEnd,
+    connect_agent,
+    echo,
+    in_background,
+    never,
+    open_session,
+)
 
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TIMEOUT = 5.0
@@ -39,10 +52,6 @@ def make_dispatcher(**agents: object) -> Dispatcher:
     return Dispatcher(parse_config({"agents": settings}))
 
 
-async def never(request: Request) -> None:
-    await trio.sleep_forever()
-
-
 def request(n: int) -> Request:
     return Request(f"req-{n}", f"msg-{n}", "", f"parent-{n}", f"question {n}")
 
@@ -51,55 +60,61 @@ def frame(frame_id: str, message: str, data: str = "") -> str:
     return json.dumps({"id": frame_id, "message": message, "data": data})
 
 
-class InFlight:
-    """One request on a slot of the session (taken from the pool), sent with
-    ``session.call`` and awaited in the background."""
-
-    def __init__(self, session: AgentSession, req: Request) -> None:
-        self.session = session
-        self.request = req
-        self.done = trio.Event()
-        self.outcome: Reply | AgentError | None = None
-        self.lost: SessionLost | None = None
-
-    async def run(self) -> None:
-        try:
-            self.outcome = await self.session.call(self.request)
-        except SessionLost as error:
-            self.lost = error
-        finally:
-            self.done.set()
-
-    async def result(self) -> Reply | AgentError:
-        await self.done.wait()
-        if self.lost is not None:
-            raise self.lost
-        assert self.outcome is not None
-        return self.outcome
+InFlight = Background[Reply | AgentError]
 
 
 async def send(nursery: trio.Nursery, dispatcher: Dispatcher, agent: Connected, n: int) -> InFlight:
+    """Request ``n`` on a slot of the session (taken from the pool), sent with
+    ``session.call`` and awaited in the background (SessionLost is its error)."""
     dispatcher.pool.take(agent.session)
-    flight = InFlight(agent.session, request(n))
-    nursery.start_soon(flight.run)
+    req = request(n)
+    return await in_background(nursery, Background(lambda: agent.session.call(req), SessionLost))
+
+
+async def held_agent(nursery: trio.Nursery, dispatcher: Dispatcher) -> tuple[Connected, InFlight]:
+    """An agent that never answers, with request 1 in flight on it."""
+    agent = await connect_agent(nursery, dispatcher, never)
+    return agent, await send(nursery, dispatcher, agent, 1)
+
+
+async def settled_open(agent: Connected) -> None:
+    """Let everything settle; the session is still open."""
     await trio.testing.wait_all_tasks_blocked()
-    return flight
+    assert agent.session.is_open
+
+
+async def lost_and_closed(agent: Connected, call: InFlight) -> None:
+    """The call ends in SessionLost and the relay closes the connection."""
+    with pytest.raises(SessionLost):
+        await call.result()
+    await agent.end.wait_closed()
+
+
+def unstarted_session(**agents: object) -> tuple[Dispatcher, AgentSession, RelayEnd, AgentEnd]:
+    """A dispatcher and a session on it that is not yet running (the handshake tests)."""
+    dispatcher = make_dispatcher(**agents)
+    return dispatcher, *open_session(dispatcher)
+
+
+@asynccontextmanager
+async def running(session: AgentSession) -> AsyncIterator[None]:
+    """Run ``session`` (bounded by 60 s) for the body, and until it ends."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            yield
 
 
 # -- handshake -------------------------------------------------------------------------
 
 
 async def test_handshake_timeout_closes_with_1008(autojump_clock: trio.testing.MockClock) -> None:
-    dispatcher = make_dispatcher()
-    relay, end = transport_pair()
-    session = AgentSession(relay, dispatcher, credential="loopback", remote="memory")
+    dispatcher, session, _relay, end = unstarted_session()
     start = trio.current_time()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            greeting = json.loads(await end.receive() or "")
-            assert greeting == {"id": session.agent_id, "message": "Connection id", "data": ""}
-            await end.wait_closed()
+    async with running(session):
+        greeting = json.loads(await end.receive() or "")
+        assert greeting == {"id": session.agent_id, "message": "Connection id", "data": ""}
+        await end.wait_closed()
     assert trio.current_time() - start == pytest.approx(HANDSHAKE_TIMEOUT)
     assert end.close_code == CloseCode.POLICY_VIOLATION
     assert end.close_reason == "handshake timeout"
@@ -108,15 +123,11 @@ async def test_handshake_timeout_closes_with_1008(autojump_clock: trio.testing.M
 
 
 async def test_disconnect_during_the_handshake(autojump_clock: trio.testing.MockClock) -> None:
-    dispatcher = make_dispatcher()
-    relay, end = transport_pair()
-    session = AgentSession(relay, dispatcher, credential="loopback", remote="memory")
+    dispatcher, session, relay, end = unstarted_session()
     start = trio.current_time()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            assert await end.receive() is not None
-            end.disconnect()
+    async with running(session):
+        assert await end.receive() is not None
+        end.disconnect()
     assert trio.current_time() == start  # no timeout involved
     assert relay.close_calls == 1
     assert end.close_code == CloseCode.NORMAL
@@ -137,15 +148,11 @@ async def test_disconnect_during_the_handshake(autojump_clock: trio.testing.Mock
 async def test_bad_handshake_closes_with_1002(
     autojump_clock: trio.testing.MockClock, first: str | bytes, says: str
 ) -> None:
-    dispatcher = make_dispatcher()
-    relay, end = transport_pair()
-    session = AgentSession(relay, dispatcher, credential="loopback", remote="memory")
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            await end.receive()
-            await end.send(first)
-            await end.wait_closed()
+    dispatcher, session, _relay, end = unstarted_session()
+    async with running(session):
+        await end.receive()
+        await end.send(first)
+        await end.wait_closed()
     assert end.close_code == CloseCode.PROTOCOL_ERROR
     assert end.close_reason is not None
     assert end.close_reason.startswith("handshake failed: ")
@@ -296,13 +303,10 @@ async def test_request_close_closes_with_the_given_code(
 ) -> None:
     dispatcher = make_dispatcher()
     with trio.fail_after(600):
-        agent = await connect_agent(nursery, dispatcher, never)
-        call = await send(nursery, dispatcher, agent, 1)
+        agent, call = await held_agent(nursery, dispatcher)
         agent.session.request_close(4321, "agent key revoked")
         agent.session.request_close(1000, "second call is ignored")
-        with pytest.raises(SessionLost):
-            await call.result()
-        await agent.end.wait_closed()
+        await lost_and_closed(agent, call)
         await agent.agent.finished.wait()
     assert agent.end.close_code == 4321
     assert agent.end.close_reason == "agent key revoked"
@@ -311,14 +315,10 @@ async def test_request_close_closes_with_the_given_code(
 
 
 async def test_request_close_during_the_handshake(autojump_clock: trio.testing.MockClock) -> None:
-    dispatcher = make_dispatcher()
-    relay, end = transport_pair()
-    session = AgentSession(relay, dispatcher, credential="loopback", remote="memory")
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            await end.receive()
-            session.request_close(CloseCode.GOING_AWAY, "relayd is shutting down")
+    dispatcher, session, _relay, end = unstarted_session()
+    async with running(session):
+        await end.receive()
+        session.request_close(CloseCode.GOING_AWAY, "relayd is shutting down")
     assert end.close_code == CloseCode.GOING_AWAY
     assert end.close_reason == "relayd is shutting down"
     assert len(dispatcher.pool) == 0
@@ -332,17 +332,13 @@ async def test_oversized_message_closes_with_1009(
 ) -> None:
     dispatcher = make_dispatcher()
     with trio.fail_after(600):
-        agent = await connect_agent(nursery, dispatcher, never)
-        call = await send(nursery, dispatcher, agent, 1)
+        agent, call = await held_agent(nursery, dispatcher)
         # Exactly the limit is fine (a pong padded with spaces to 1024 characters).
         padded = frame("p", "pong")
         await agent.end.send(padded + " " * (1024 - len(padded)))
-        await trio.testing.wait_all_tasks_blocked()
-        assert agent.session.is_open
+        await settled_open(agent)
         await agent.end.send(frame("p", "pong", "x" * 1024))
-        with pytest.raises(SessionLost):
-            await call.result()
-        await agent.end.wait_closed()
+        await lost_and_closed(agent, call)
     assert agent.end.close_code == CloseCode.MESSAGE_TOO_BIG
     assert agent.end.close_reason == "message over 1024 bytes"
     assert len(dispatcher.pool) == 0
@@ -399,8 +395,7 @@ async def test_garbage_frames_are_dropped_and_the_session_carries_on(
         for _ in range(3):  # 18 bad frames in a row: fewer than the limit
             for text in garbage:
                 await agent.end.send(text)
-        await trio.testing.wait_all_tasks_blocked()
-        assert agent.session.is_open
+        await settled_open(agent)
         gate.set()
         outcome = await call.result()
     assert outcome == Reply("req-1", "resp", "conv", "done")
@@ -428,16 +423,12 @@ async def test_twenty_bad_frames_in_a_row_close_the_session(
     assert MAX_CONSECUTIVE_PROTOCOL_ERRORS == 20
     dispatcher = make_dispatcher()
     with trio.fail_after(600):
-        agent = await connect_agent(nursery, dispatcher, never)
-        call = await send(nursery, dispatcher, agent, 1)
+        agent, call = await held_agent(nursery, dispatcher)
         for n in range(19):
             await agent.end.send(f"garbage {n}")
-        await trio.testing.wait_all_tasks_blocked()
-        assert agent.session.is_open
+        await settled_open(agent)
         await agent.end.send(frame("x", "launch"))
-        with pytest.raises(SessionLost):
-            await call.result()
-        await agent.end.wait_closed()
+        await lost_and_closed(agent, call)
     assert agent.end.close_code == CloseCode.POLICY_VIOLATION
     assert agent.end.close_reason == "protocol error: unknown message kind 'launch'"
     assert len(dispatcher.pool) == 0
@@ -448,8 +439,7 @@ async def test_malformed_reply_resolves_the_call_with_an_agent_error(
 ) -> None:
     dispatcher = make_dispatcher()
     with trio.fail_after(600):
-        agent = await connect_agent(nursery, dispatcher, never)
-        call = await send(nursery, dispatcher, agent, 1)
+        agent, call = await held_agent(nursery, dispatcher)
         await agent.end.send(frame("req-1", "ChatGptResponse", "not json"))
         outcome = await call.result()
     assert isinstance(outcome, AgentError)
