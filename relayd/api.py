@@ -214,6 +214,13 @@ async def _store_call(state: RelayState, operation: Any) -> Any:
         return operation()
 
 
+async def _no_websocket_route(scope: Scope, receive: Receive, send: Send) -> None:
+    # Quart's error handlers assume an HTTP request; answer here.
+    if (await receive())["type"] == "websocket.connect":
+        message = f"no WebSocket route {redact_path(scope['path'])}"
+        await deny_websocket(scope, send, 404, message)
+
+
 def create_asgi_app(state: RelayState) -> AsgiApp:
     """The whole server: ``/api/ask`` and agent WebSockets served bare (the hot
     paths), everything else by Quart."""
@@ -222,18 +229,16 @@ def create_asgi_app(state: RelayState) -> AsgiApp:
 
     ask = AskEndpoint(state)
 
-    async def relayd_app(scope: Scope, receive: Receive, send: Send) -> None:
+    def relayd_app(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Returns the handler's coroutine rather than awaiting it: one frame fewer
+        # on every connection's stack (memory per idle agent is a measured target).
         kind = scope["type"]
         if kind == "http" and scope["path"] == "/api/ask":
-            await ask(scope, receive, send)
-        elif kind == "websocket":
+            return ask(scope, receive, send)
+        if kind == "websocket":
             if agent_key_from_path(scope["path"])[0]:
-                await agents(scope, receive, send)
-            elif (await receive())["type"] == "websocket.connect":
-                # Quart's error handlers assume an HTTP request; answer here.
-                message = f"no WebSocket route {redact_path(scope['path'])}"
-                await deny_websocket(scope, send, 404, message)
-        else:
-            await quart_app(scope, receive, send)  # type: ignore[arg-type]
+                return agents(scope, receive, send)
+            return _no_websocket_route(scope, receive, send)
+        return quart_app(scope, receive, send)  # type: ignore[arg-type]
 
     return relayd_app

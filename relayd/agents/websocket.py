@@ -45,6 +45,19 @@ class AsgiTransport:
         self._closed = False
         self.close_code: int | None = None
 
+    async def accept(self) -> bool:
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            self._closed = True
+            return False
+        try:
+            await self._send({"type": "websocket.accept"})
+        except Exception as error:  # Hypercorn already refused the upgrade (e.g. a 400)
+            log.info("agent upgrade failed: %s", type(error).__name__)
+            self._closed = True
+            return False
+        return True
+
     async def receive(self) -> str | bytes | None:
         while not self._closed:
             message = await self._receive()
@@ -82,24 +95,26 @@ class AgentEndpoint:
         self._keys = keys
         self._throttle = throttle
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The coroutine that serves this connection.
+
+        Deliberately not ``async``: the credentials are in the scope, so the
+        check needs no await, and returning the session's own coroutine keeps
+        one frame fewer on the stack of every connected agent (memory per idle
+        agent is a measured target).
+        """
         client = scope.get("client")
-        host = client[0] if client else None
+        address = client[0] if client else "unix"
         remote = f"{client[0]}:{client[1]}" if client else "unix"
-        message = await receive()
-        if message["type"] != "websocket.connect":
-            return
-        address = host or "unix"
         wait = self._throttle.retry_after(address, trio.current_time())
         if wait is not None:
             log.warning("agent refused: too many failed attempts remote=%s", remote)
-            await deny_websocket(scope, send, 429, "too many failed attempts", wait)
-            return
+            return _refuse(scope, receive, send, 429, "too many failed attempts", wait)
         credential = self._keys().authenticate(
             path=scope["path"],
             query=scope.get("query_string", b""),
             headers=scope.get("headers", []),
-            client_host=host,
+            client_host=client[0] if client else None,
         )
         if isinstance(credential, AgentRefusal):
             self._throttle.failed(address, trio.current_time())
@@ -109,20 +124,23 @@ class AgentEndpoint:
                 credential.reason,
                 remote,
             )
-            await deny_websocket(scope, send, credential.status, credential.reason)
-            return
-        try:
-            await send({"type": "websocket.accept"})
-        except Exception as error:  # Hypercorn already refused the upgrade (e.g. a 400)
-            log.info("agent upgrade failed: %s remote=%s", type(error).__name__, remote)
-            return
+            return _refuse(scope, receive, send, credential.status, credential.reason)
         session = AgentSession(
             AsgiTransport(receive, send), self._host, credential=credential, remote=remote
         )
-        try:
-            await session.run()
-        except Exception:  # isolation boundary: one agent session, never the daemon
-            log.exception("agent session failed: %s remote=%s", session, remote)
+        return session.run()
+
+
+async def _refuse(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    message: str,
+    retry_after: float | None = None,
+) -> None:
+    if (await receive())["type"] == "websocket.connect":
+        await deny_websocket(scope, send, status, message, retry_after)
 
 
 async def deny_websocket(
