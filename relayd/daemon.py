@@ -23,6 +23,7 @@ can block Hypercorn's shielded writes forever), ends the process at once.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -43,7 +44,7 @@ from relayd.state import RelayState, Snapshot, load_agent_keys
 from relayd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
 from relayd.users import UserStoreError
 
-__all__ = ["HARD_STOP_MARGIN", "Daemon", "hypercorn_config"]
+__all__ = ["HARD_STOP_MARGIN", "Daemon", "hypercorn_config", "tune_gc"]
 
 log = logging.getLogger("relayd")
 
@@ -51,6 +52,29 @@ HARD_STOP_MARGIN = 5.0
 STATUS_INTERVAL = 5.0
 # After the drain, what is left of a connection gets this long to finish.
 HYPERCORN_GRACE = 2.0
+
+
+# The youngest generation's collection threshold (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector fit a server holding many connections.
+
+    Every connection keeps a few hundred gc-tracked objects alive, and each
+    heartbeat period or queued request leaves objects that survive a young
+    collection; with CPython's default threshold they pile up in the oldest
+    generation and trigger full collections of every object (1-2 s each with
+    10,000 agents). A larger young generation lets short-lived objects die
+    young instead. Measured with ``relayd bench`` on 10,000 idle agents:
+    heartbeat CPU 27 % -> 19 % of a core (GC disabled altogether: 18 %);
+    pool-1000 72 % -> 90 % of the agent-bound limit. Cyclic garbage is still
+    collected, only in larger batches. What exists at start-up (modules, the
+    app) lives as long as the process, so it is frozen out of every collection.
+    """
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    gc.collect()
+    gc.freeze()
 
 
 def hypercorn_config(config: Config, binds: list[str]) -> HypercornConfig:
@@ -94,6 +118,7 @@ class Daemon:
                 hc = hypercorn_config(self.state.config, binds)
                 bound: list[str] = await root.start(self._serve, app, hc, stop_serving, served)
                 self.listening = ", ".join(bound)
+                tune_gc()
                 log.info("relayd ready: listening on %s", self.listening)
                 self.notifier.ready(self._status())
                 interval = watchdog_interval(self.environ, os.getpid())

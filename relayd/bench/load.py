@@ -1,0 +1,280 @@
+"""One load phase: N keep-alive clients sending ``POST /api/ask`` back to back.
+
+Every client has one connection, opened before the clock starts (a few at a
+time, so the server's listen backlog never overflows), and optionally one
+warm-up request, so that connection set-up and the server's first-request
+costs are not measured. Then each client sends its next request as soon as
+the last answer came, until ``--duration`` is over or ``--requests`` have
+been sent; the requests under way then are waited for (up to
+:data:`DRAIN_TIMEOUT`). See :class:`relayd.bench.stats.LoadRecorder` for how
+req/s is counted.
+
+CPU is read before and after from ``/proc``: the server's (used, and waited
+for), this process's (the clients and the simulated agents) and the whole
+machine's, so a figure taken on a busy machine says so.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import count
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from relayd.bench.fleet import Tracker, content_for
+from relayd.bench.httpclient import HttpClient, HttpError
+from relayd.bench.model import ScenarioResult, Settings
+from relayd.bench.procs import ServerProcess, read_system_busy_seconds
+from relayd.bench.servers import Target
+from relayd.bench.stats import Distribution, LoadRecorder, per_thousand, rate
+
+__all__ = ["CpuSnapshot", "GcWatch", "LoadPhase", "bench_cpu_seconds"]
+
+log = logging.getLogger("relayd.bench")
+
+# Connections opened at once before a load phase (below Hypercorn's backlog of 100).
+CONNECT_CONCURRENCY = 64
+# Other processes using more than this share of a CPU during a measurement get a note.
+OTHERS_NOTICED = 0.25
+# After a load phase ends, how long requests still under way may take.
+DRAIN_TIMEOUT = 60.0
+PROGRESS_INTERVAL = 0.5
+
+
+def bench_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds so far: the server's (used, waited for), this process's, the machine's."""
+
+    server: float | None
+    server_wait: float | None
+    bench: float
+    machine: float | None
+    at: float  # time.monotonic()
+
+    @classmethod
+    def take(cls, server: ServerProcess | None) -> CpuSnapshot:
+        return cls(
+            server.cpu_seconds() if server else None,
+            server.cpu_wait_seconds() if server else None,
+            bench_cpu_seconds(),
+            read_system_busy_seconds(),
+            time.monotonic(),
+        )
+
+    def since(self, before: CpuSnapshot, result: ScenarioResult) -> None:
+        """Fill in ``result``'s CPU figures for the time from ``before`` to this."""
+
+        def delta(now: float | None, then: float | None) -> float | None:
+            return None if now is None or then is None else now - then
+
+        result.server_cpu_s = delta(self.server, before.server)
+        result.server_cpu_wait_s = delta(self.server_wait, before.server_wait)
+        result.bench_cpu_s = self.bench - before.bench
+        machine = delta(self.machine, before.machine)
+        if machine is not None:
+            result.other_cpu_s = max(0.0, machine - result.bench_cpu_s - (result.server_cpu_s or 0))
+        elapsed = self.at - before.at
+        if elapsed <= 0:
+            return
+        busy = []
+        if result.other_cpu_s is not None and result.other_cpu_s > OTHERS_NOTICED * elapsed:
+            busy.append(f"other processes used {result.other_cpu_s:.1f} CPU s in {elapsed:.1f}s")
+        if result.server_cpu_wait_s is not None and result.server_cpu_wait_s > 0.05 * elapsed:
+            busy.append(f"the server waited {result.server_cpu_wait_s:.1f} s for a CPU")
+        if busy:
+            result.notes.append(
+                "the machine was busy (" + "; ".join(busy) + "): these figures are pessimistic"
+            )
+
+
+class GcWatch:
+    """This process's garbage collection during a measurement: kept short, and timed.
+
+    Setting a scenario up leaves the bench with many long-lived objects (10,000
+    agents' connections). A full collection over them stops every client and
+    agent at once, and the pause would be charged to relayd's latency. So a
+    measurement starts with ``gc.collect(); gc.freeze()`` (what exists then is
+    alive anyway and is not scanned again), and only the youngest generation is
+    collected automatically until it ends: young cyclic garbage (Trio's
+    cancellations) is still freed; objects that survive wait for the end.
+    Collections that still happen are timed into ``paused``.
+    """
+
+    def __init__(self) -> None:
+        self.paused = 0.0
+        self._started: float | None = None
+        self._thresholds = gc.get_threshold()
+
+    def __enter__(self) -> GcWatch:
+        gc.collect()
+        gc.freeze()
+        self._thresholds = gc.get_threshold()
+        gc.set_threshold(self._thresholds[0], 1 << 30, 1 << 30)
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        gc.callbacks.remove(self._callback)
+        gc.set_threshold(*self._thresholds)
+        gc.unfreeze()
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.paused += time.perf_counter() - self._started
+            self._started = None
+
+
+@dataclass
+class LoadPhase:
+    """What a load phase needs from the run: settings, the tracker, request numbers."""
+
+    settings: Settings
+    tracker: Tracker
+    numbers: count[int]
+    progress: Callable[[str], None]
+
+    async def run(
+        self, result: ScenarioResult, target: Target, *, tracked: bool, warm_up: bool = True
+    ) -> None:
+        """Run ``result.clients`` clients against ``target``; fill in the load figures."""
+        settings = self.settings
+        clients = [
+            HttpClient(target.host, target.port, headers=target.client_headers())
+            for _ in range(result.clients)
+        ]
+        recorder = LoadRecorder()
+        try:
+            await self.open_connections(clients, result)
+            if warm_up:
+                # One answered request per client first: connections, caches and
+                # the first-request costs of the server are not measured.
+                async with trio.open_nursery() as nursery:
+                    for client in clients:
+                        nursery.start_soon(_warm_up, client)
+            give_up = settings.duration + DRAIN_TIMEOUT + (result.delay_s or 0) * 2
+            with GcWatch() as watch, trio.move_on_after(give_up):
+                cpu_before = CpuSnapshot.take(target.server)
+                started = trio.current_time()
+                deadline = started + settings.duration
+                async with trio.open_nursery() as outer:
+                    outer.start_soon(self.show_load, result, recorder, started)
+                    async with trio.open_nursery() as nursery:
+                        for client in clients:
+                            nursery.start_soon(
+                                self.client_loop, client, recorder, deadline, tracked
+                            )
+                    outer.cancel_scope.cancel()
+            unfinished = recorder.sent - recorder.ok - recorder.failed
+            if unfinished:
+                recorder.errors["unfinished"] += unfinished
+                result.notes.append(f"{unfinished} requests were still unanswered after the drain")
+            CpuSnapshot.take(target.server).since(cpu_before, result)
+            result.bench_gc_s = watch.paused
+        finally:
+            with trio.CancelScope(shield=True):
+                for client in clients:
+                    await client.aclose()
+        result.duration_s = recorder.elapsed
+        result.requests_sent = recorder.sent
+        result.requests_ok = recorder.ok
+        result.errors = dict(sorted(recorder.errors.items()))
+        result.error_count = sum(recorder.errors.values())
+        result.req_per_s = recorder.requests_per_second()
+        result.latency = Distribution.of(recorder.latencies).as_ms()
+        result.queue_wait = Distribution.of(recorder.queue_waits).as_ms()
+        result.bench_cpu_s_per_1000 = per_thousand(result.bench_cpu_s, recorder.ok)
+        result.server_cpu_s_per_1000 = per_thousand(result.server_cpu_s, recorder.ok)
+        if target.server is not None:
+            result.server_pid = target.server.pid
+            memory = target.server.memory()
+            if memory is not None:
+                result.server_rss_bytes = memory.rss
+                result.server_peak_rss_bytes = memory.peak
+
+    async def open_connections(self, clients: list[HttpClient], result: ScenarioResult) -> None:
+        limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
+        failures: list[str] = []
+
+        async def open_one(client: HttpClient) -> None:
+            async with limiter:
+                try:
+                    await client.connect()
+                except OSError as error:
+                    failures.append(str(error))
+
+        async with trio.open_nursery() as nursery:
+            for client in clients:
+                nursery.start_soon(open_one, client)
+        if failures:
+            result.notes.append(
+                f"{len(failures)} of {len(clients)} clients could not connect at first: "
+                f"{failures[0]}"
+            )
+
+    async def client_loop(
+        self, client: HttpClient, recorder: LoadRecorder, deadline: float, tracked: bool
+    ) -> None:
+        budget = self.settings.requests
+        tracker = self.tracker
+        while True:
+            now = trio.current_time()
+            if now >= deadline or (budget is not None and recorder.sent >= budget):
+                return
+            number = next(self.numbers)
+            body = b'{"content": "%s"}' % content_for(number).encode()
+            if tracked:
+                tracker.sent(number, now)
+            recorder.request_sent(now)
+            status: int | None = None
+            try:
+                status = (await client.request("POST", "/api/ask", body)).status
+            except (OSError, trio.BrokenResourceError, HttpError) as error:
+                log.debug("request failed: %s", error)
+            end = trio.current_time()
+            recorder.request_done(end, status, end - now)
+            if tracked:
+                wait = tracker.finish(number)
+                if wait is not None and status == 200:
+                    recorder.queue_wait(wait)
+            if status is None:
+                await trio.sleep(0.1)  # do not spin on a refused connection
+
+    async def show_load(
+        self, result: ScenarioResult, recorder: LoadRecorder, started: float
+    ) -> None:
+        duration = self.settings.duration
+        while True:
+            elapsed = trio.current_time() - started
+            per_second = rate(recorder.ok, elapsed) or 0.0
+            self.progress(
+                f"{result.name}: {min(elapsed, duration):.1f}/{duration:g}s "
+                f"{result.clients} clients  {recorder.ok} ok  {recorder.failed} errors  "
+                f"{per_second:.0f} req/s"
+            )
+            await trio.sleep(PROGRESS_INTERVAL)
+
+
+async def _warm_up(client: HttpClient) -> None:
+    try:
+        await client.request("POST", "/api/ask", b'{"content": "warm-up"}')
+    except (OSError, trio.BrokenResourceError, HttpError) as error:
+        log.debug("warm-up request failed: %s", error)

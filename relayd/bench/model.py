@@ -1,0 +1,89 @@
+"""The bench's data: what the command line asked for, and what one unit measured.
+
+Plain dataclasses, no I/O. :class:`ScenarioResult` is the JSON report's
+per-scenario object: every field is always there, None when it was not
+measured (a CPU figure against ``--url``, latency in an idle scenario).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from relayd.bench.stats import Distribution
+
+__all__ = ["REFERENCE_HEARTBEAT", "ScenarioResult", "Settings"]
+
+REFERENCE_HEARTBEAT = 15.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The command line, as the scenarios see it. None means the scenario's default."""
+
+    duration: float = 10.0
+    requests: int | None = None
+    clients: int | None = None
+    agents: int | None = None
+    idle_agents: int | None = None
+    delay: float | None = None
+    capacity: int = 1
+    scale: float = 1.0
+    heartbeat: float = REFERENCE_HEARTBEAT
+    url: str | None = None
+    key: str | None = None
+    agent_key: str | None = None
+    baseline_server: str = "hypercorn"  # or "guarded": relayd's patched serve()
+
+    def scaled(self, default: int, override: int | None) -> int:
+        """A count of agents or clients: the override or default, times ``scale``, ≥ 1."""
+        return max(1, round((override if override is not None else default) * self.scale))
+
+
+@dataclass
+class ScenarioResult:
+    """Every figure of one unit; the JSON report has all of them (None: not measured)."""
+
+    name: str
+    description: str = ""
+    server: str | None = None  # "relayd", "baseline" or "external"
+    server_pid: int | None = None
+    clients: int = 0
+    agents: int = 0  # agents that answer
+    idle_agents: int = 0  # agents that are connected but idle (or busy, for wide-dispatch)
+    capacity: int | None = None
+    delay_s: float | None = None
+    duration_s: float | None = None
+    requests_sent: int = 0
+    requests_ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    error_count: int = 0
+    req_per_s: float | None = None
+    latency: dict[str, float | int | None] = field(
+        default_factory=lambda: Distribution.of([]).as_ms()
+    )
+    queue_wait: dict[str, float | int | None] = field(
+        default_factory=lambda: Distribution.of([]).as_ms()
+    )
+    server_cpu_s: float | None = None
+    server_cpu_wait_s: float | None = None  # runnable but waiting for a CPU
+    server_cpu_s_per_1000: float | None = None
+    server_rss_bytes: int | None = None
+    server_peak_rss_bytes: int | None = None
+    bench_cpu_s: float | None = None
+    bench_cpu_s_per_1000: float | None = None
+    bench_gc_s: float | None = None  # this process's garbage-collection pauses meanwhile
+    other_cpu_s: float | None = None  # used by every other process on the machine meanwhile
+    agents_connected: int | None = None
+    agents_busy: int | None = None
+    reference: str | None = None
+    ratio: float | None = None
+    limit_req_per_s: float | None = None
+    percent_of_limit: float | None = None
+    rss_before_bytes: int | None = None
+    rss_after_bytes: int | None = None
+    rss_per_agent_bytes: float | None = None
+    window_s: float | None = None
+    heartbeat_s: float | None = None
+    cpu_percent: float | None = None
+    cpu_percent_at_15s: float | None = None
+    notes: list[str] = field(default_factory=list)

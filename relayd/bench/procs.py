@@ -1,0 +1,254 @@
+"""Processes the bench starts and measures: relayd and the baseline server.
+
+A server is started the way tests/support.py starts relayd, and the way
+systemd would: the bench binds ``127.0.0.1:0`` itself and hands the socket over
+as ``fd://N`` (so there is no race for a free port), and the child says it is
+ready by sending ``READY=1`` to a datagram socket named by ``NOTIFY_SOCKET``
+(so nothing polls for readiness). Every wait is bounded.
+
+CPU and memory figures come from ``/proc/<pid>/stat`` (utime + stime) and
+``/proc/<pid>/status`` (VmRSS, VmHWM); they exist only on Linux, and only for
+a process the bench started.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+__all__ = [
+    "Memory",
+    "OpenFilesLimit",
+    "ServerProcess",
+    "ServerStartError",
+    "raise_open_files_limit",
+    "read_cpu_seconds",
+    "read_cpu_wait_seconds",
+    "read_memory",
+    "read_system_busy_seconds",
+    "start_server",
+]
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+# Our listening socket's backlog (Hypercorn sets its own, config.backlog, on it again).
+BACKLOG = 1024
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# Variables meant for this process (or a service manager) that a child must not see.
+_PRIVATE_ENV = ("RELAYD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "JOURNAL_")
+
+
+class ServerStartError(Exception):
+    """A server did not come up; the message carries the end of its log."""
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss: int  # bytes resident now (VmRSS)
+    peak: int  # bytes resident at most so far (VmHWM)
+
+
+@dataclass(frozen=True)
+class OpenFilesLimit:
+    before: int  # the soft limit we started with
+    soft: int  # the soft limit now (children inherit it)
+    hard: int
+
+    @property
+    def raised(self) -> bool:
+        return self.soft > self.before
+
+
+def raise_open_files_limit() -> OpenFilesLimit:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit, as far as allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+    return OpenFilesLimit(before=soft, soft=max(soft, target), hard=hard)
+
+
+def read_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` so far; None if it cannot be read."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after it.
+    fields = text.rpartition(")")[2].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def read_cpu_wait_seconds(pid: int) -> float | None:
+    """Seconds ``pid`` (its main thread) was runnable but waiting for a CPU, from
+    ``/proc/<pid>/schedstat``: how much other processes got in its way."""
+    try:
+        fields = Path(f"/proc/{pid}/schedstat").read_text().split()
+    except OSError:
+        return None
+    return int(fields[1]) / 1e9 if len(fields) >= 2 else None
+
+
+def read_system_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (all CPUs, all processes)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait.
+    ticks = [int(value) for value in fields[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _CLOCK_TICKS
+
+
+def read_memory(pid: int) -> Memory | None:
+    """Resident and peak resident memory of ``pid``; None if it cannot be read."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            values[name] = int(rest.split()[0]) * 1024  # reported in kB (KiB)
+    if len(values) != 2:
+        return None
+    return Memory(rss=values["VmRSS"], peak=values["VmHWM"])
+
+
+@dataclass
+class ServerProcess:
+    """A child server listening on ``127.0.0.1:port``. :meth:`stop` ends it."""
+
+    name: str
+    process: trio.Process
+    port: int
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float | None:
+        return read_cpu_seconds(self.pid)
+
+    def memory(self) -> Memory | None:
+        return read_memory(self.pid)
+
+    def cpu_wait_seconds(self) -> float | None:
+        return read_cpu_wait_seconds(self.pid)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def stop(self, grace: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit status."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(grace):
+                return await self.process.wait()
+            self.process.kill()
+        return await self.process.wait()
+
+
+def child_environment(extra: dict[str, str]) -> dict[str, str]:
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith(_PRIVATE_ENV)
+    }
+    environment.update(extra)
+    return environment
+
+
+async def start_server(
+    name: str,
+    arguments: Sequence[str],
+    workdir: Path,
+    *,
+    env: dict[str, str] | None = None,
+    ready_within: float = START_TIMEOUT,
+) -> ServerProcess:
+    """Run ``python -m <arguments> --listen fd://N`` and wait for its READY=1.
+
+    ``{fd}`` in ``arguments`` is replaced by the listening socket's number.
+    Raises ServerStartError if the child exits or is not ready within ``ready_within``
+    seconds.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(BACKLOG)
+        port = listener.getsockname()[1]
+        notify_path = workdir / f"{name}-notify.sock"
+        await notify.bind(str(notify_path))
+        command = [sys.executable, "-m"]
+        command += [argument.replace("{fd}", str(listener.fileno())) for argument in arguments]
+        environment = child_environment({**(env or {}), "NOTIFY_SOCKET": str(notify_path)})
+        log_path = workdir / f"{name}.log"
+        with log_path.open("wb") as log_file:
+            process = await trio.lowlevel.open_process(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                pass_fds=(listener.fileno(),),
+            )
+        server = ServerProcess(name, process, port, log_path)
+        listener.close()
+        ready = False
+        with trio.move_on_after(ready_within):
+            ready = await _wait_ready(notify, process)
+        if not ready:
+            if process.returncode is None:
+                process.kill()
+            status = await process.wait()
+            raise ServerStartError(
+                f"{name} was not ready within {ready_within:g}s (exit status {status}); "
+                f"its log ends:\n{server.log_tail()}"
+            )
+        return server
+    finally:
+        listener.close()
+        notify.close()
+
+
+async def _wait_ready(notify: trio.socket.SocketType, process: trio.Process) -> bool:
+    """True once the child sends READY=1; False if it exits first."""
+    ready = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch_exit() -> None:
+            await process.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch_exit)
+        while not ready:
+            message = (await notify.recv(65536)).decode(errors="replace")
+            ready = "READY=1" in message.splitlines()
+        nursery.cancel_scope.cancel()
+    return ready

@@ -1,0 +1,401 @@
+"""The bench's scenarios: what each starts, what load it puts on, what it measures.
+
+A *scenario* (what ``--scenario`` names) is a list of *units*, each one
+measurement with a fresh server: ``relay-32`` is ``baseline-32`` then
+``relay-32``, because relay-32 reports its ratio to the baseline measured in
+the same run. A unit needed by several scenarios runs once.
+
+Every unit gets its own server process (see :mod:`relayd.bench.servers`), so
+its CPU time and peak RSS are the unit's alone. Simulated agents
+(:mod:`relayd.bench.fleet`) and HTTP clients (:mod:`relayd.bench.load`) run in
+this process; relayd and the baseline run in their own.
+
+The units:
+
+* ``baseline-N``: N clients against the bare ASGI baseline.
+* ``relay-N``: N clients, 8 agents that answer at once.
+* ``pool-1000``: 2,000 clients, 1,000 agents that answer after 2 s; the
+  result is compared with the agent-bound limit, agents * capacity / delay.
+* ``idle-10000``: 10,000 agents that only answer pings: relayd's RSS per agent
+  and its CPU over a window of at least one heartbeat interval.
+* ``wide-dispatch``: relay-32 with 10,000 more agents connected whose every
+  slot is taken (see :meth:`Bench.occupy`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+
+import trio
+
+from relayd.bench.fleet import Fleet, Tracker, bench_handler, content_for
+from relayd.bench.httpclient import HttpClient, HttpError
+from relayd.bench.load import CpuSnapshot, GcWatch, LoadPhase
+from relayd.bench.model import REFERENCE_HEARTBEAT, ScenarioResult, Settings
+from relayd.bench.procs import OpenFilesLimit
+from relayd.bench.servers import Servers, Target, count_agents
+
+__all__ = [
+    "SCENARIOS",
+    "UNITS",
+    "Bench",
+    "ScenarioResult",
+    "Settings",
+    "units_for",
+]
+
+UNITS = (
+    "baseline-1",
+    "baseline-32",
+    "relay-1",
+    "relay-32",
+    "pool-1000",
+    "idle-10000",
+    "wide-dispatch",
+)
+SCENARIOS: dict[str, tuple[str, ...]] = {
+    "baseline": ("baseline-1", "baseline-32"),
+    "relay-1": ("baseline-1", "relay-1"),
+    "relay-32": ("baseline-32", "relay-32"),
+    "pool-1000": ("pool-1000",),
+    "idle-10000": ("idle-10000",),
+    "wide-dispatch": ("baseline-32", "relay-32", "wide-dispatch"),
+    "all": UNITS,
+}
+# A unit's reference: what its ratio is measured against.
+REFERENCES = {"relay-1": "baseline-1", "relay-32": "baseline-32", "wide-dispatch": "relay-32"}
+
+# Open connections at once while handing out hold requests (wide-dispatch).
+HOLD_CONCURRENCY = 64
+# File descriptors a process needs besides its connections.
+FD_MARGIN = 200
+# Time for relayd to finish admitting agents and settle before memory is read.
+SETTLE = 2.0
+PROGRESS_INTERVAL = 0.5
+
+
+def units_for(names: list[str]) -> list[str]:
+    """The units to run for scenario (or unit) ``names``, in run order, each once."""
+    wanted: set[str] = set()
+    for name in names:
+        if name in SCENARIOS:
+            wanted.update(SCENARIOS[name])
+        elif name in UNITS:
+            wanted.add(name)
+        else:
+            choices = ", ".join([*SCENARIOS, "baseline-1", "baseline-32"])
+            raise ValueError(f"unknown scenario {name!r}; choose from {choices}")
+    return [unit for unit in UNITS if unit in wanted]
+
+
+ProgressCallback = Callable[[str], None]
+
+
+@dataclass
+class Bench:
+    """One run of the bench: settings, a scratch directory, and the results so far."""
+
+    settings: Settings
+    workdir: Path
+    files: OpenFilesLimit
+    progress: ProgressCallback = lambda text: None
+    results: dict[str, ScenarioResult] = field(default_factory=dict)
+    tracker: Tracker = field(default_factory=Tracker)
+    numbers: count[int] = field(default_factory=count)  # request numbers, unique in the run
+
+    def __post_init__(self) -> None:
+        self.servers = Servers(self.settings, self.workdir)
+        self.loader = LoadPhase(self.settings, self.tracker, self.numbers, self.progress)
+
+    async def run(self, units: list[str]) -> dict[str, ScenarioResult]:
+        """Run ``units`` one after the other; each relay unit's ratio is filled in."""
+        runners: dict[str, Callable[[], Awaitable[ScenarioResult]]] = {
+            "baseline-1": lambda: self.baseline("baseline-1", 1),
+            "baseline-32": lambda: self.baseline("baseline-32", 32),
+            "relay-1": lambda: self.relay("relay-1", 1),
+            "relay-32": lambda: self.relay("relay-32", 32),
+            "pool-1000": self.pool,
+            "idle-10000": self.idle,
+            "wide-dispatch": lambda: self.relay("wide-dispatch", 32, busy=True),
+        }
+        for unit in units:
+            result = await runners[unit]()
+            reference = REFERENCES.get(unit)
+            if reference is not None and reference in self.results:
+                result.reference = reference
+                base = self.results[reference].req_per_s
+                if result.req_per_s is not None and base:
+                    result.ratio = result.req_per_s / base
+            self.results[unit] = result
+        return self.results
+
+    # -- counts and the open-files limit ---------------------------------------------
+
+    def fit(self, result: ScenarioResult, counts: dict[str, int], extra: int = 0) -> dict[str, int]:
+        """``counts`` (agents, clients...) cut down to fit the open-files limit, with a note.
+
+        Each process (this one and relayd, which inherits the limit) holds one
+        descriptor per agent and per client, plus ``extra`` and a margin.
+        """
+        needed = sum(counts.values()) + extra + FD_MARGIN
+        limit = self.files.soft
+        if needed <= limit:
+            return counts
+        factor = (limit - extra - FD_MARGIN) / sum(counts.values())
+        fitted = {name: max(1, math.floor(value * factor)) for name, value in counts.items()}
+        described = ", ".join(f"{name} {counts[name]}→{fitted[name]}" for name in counts)
+        result.notes.append(
+            f"capped by the open-files limit ({limit}, hard {self.files.hard}): {described}"
+        )
+        return fitted
+
+    # -- units -------------------------------------------------------------------------
+
+    async def baseline(self, name: str, default_clients: int) -> ScenarioResult:
+        settings = self.settings
+        result = ScenarioResult(
+            name,
+            "bare ASGI app on Hypercorn's trio worker (the ceiling of any relayd route)",
+            server="baseline",
+        )
+        counts = self.fit(result, {"clients": settings.scaled(default_clients, settings.clients)})
+        result.clients = counts["clients"]
+        async with self.servers.baseline(name) as target:
+            await self.loader.run(result, target, tracked=False)
+        return result
+
+    async def relay(self, name: str, default_clients: int, *, busy: bool = False) -> ScenarioResult:
+        """relay-1, relay-32, and wide-dispatch (relay-32 beside many busy agents)."""
+        settings = self.settings
+        result = ScenarioResult(
+            name,
+            (
+                "relay-32 with every slot of many more agents taken (dispatch among full agents)"
+                if busy
+                else "instant agents behind relayd"
+            ),
+            server="external" if settings.url else "relayd",
+        )
+        wanted = {
+            "clients": settings.scaled(default_clients, settings.clients),
+            "agents": settings.scaled(8, settings.agents),
+        }
+        if busy:
+            wanted["idle_agents"] = settings.scaled(10_000, settings.idle_agents)
+        counts = self.fit(result, wanted, HOLD_CONCURRENCY if busy else 0)
+        result.clients, result.agents = counts["clients"], counts["agents"]
+        result.idle_agents = counts.get("idle_agents", 0)
+        result.capacity = settings.capacity
+        result.delay_s = settings.delay or 0.0
+        async with (
+            self.servers.relayd(name, clients=result.clients) as target,
+            trio.open_nursery() as agents,
+        ):
+            if busy:
+                sinks = Fleet(target.agent_url, bench_handler(self.tracker, answer=False))
+                sinks.headers = self.agent_headers()
+                await self.connect(agents, sinks, result.idle_agents, result, "busy agents")
+                await self.occupy(target, sinks, result)
+            fleet = Fleet(target.agent_url, bench_handler(self.tracker, delay=result.delay_s))
+            fleet.headers = self.agent_headers()
+            await self.connect(agents, fleet, result.agents, result, "agents")
+            await self.loader.run(result, target, tracked=True)
+            await self.census(result, target)
+            agents.cancel_scope.cancel()
+        return result
+
+    async def pool(self) -> ScenarioResult:
+        settings = self.settings
+        result = ScenarioResult(
+            "pool-1000",
+            "many slow agents, twice as many clients: is the agent-bound limit reached?",
+            server="external" if settings.url else "relayd",
+        )
+        counts = self.fit(
+            result,
+            {
+                "clients": settings.scaled(2000, settings.clients),
+                "agents": settings.scaled(1000, settings.agents),
+            },
+        )
+        result.clients, result.agents = counts["clients"], counts["agents"]
+        result.capacity = settings.capacity
+        result.delay_s = 2.0 if settings.delay is None else settings.delay
+        async with (
+            self.servers.relayd("pool-1000", clients=result.clients) as target,
+            trio.open_nursery() as agents,
+        ):
+            fleet = Fleet(target.agent_url, bench_handler(self.tracker, delay=result.delay_s))
+            fleet.headers = self.agent_headers()
+            await self.connect(agents, fleet, result.agents, result, "agents")
+            await self.loader.run(result, target, tracked=True, warm_up=False)
+            await self.census(result, target)
+            agents.cancel_scope.cancel()
+        if result.delay_s > 0:
+            result.limit_req_per_s = len(fleet.stats) * settings.capacity / result.delay_s
+            if result.req_per_s is not None:
+                result.percent_of_limit = result.req_per_s / result.limit_req_per_s * 100
+            if result.clients < result.agents * settings.capacity:
+                result.notes.append(
+                    "fewer clients than agent slots: the client-bound limit is "
+                    f"{result.clients / result.delay_s:.0f} req/s"
+                )
+        else:
+            result.notes.append("no limit: the agents answer at once (--delay 0)")
+        return result
+
+    async def idle(self) -> ScenarioResult:
+        settings = self.settings
+        result = ScenarioResult(
+            "idle-10000",
+            "connected idle agents: memory per agent, CPU of the heartbeats",
+            server="external" if settings.url else "relayd",
+        )
+        counts = self.fit(result, {"idle_agents": settings.scaled(10_000, settings.idle_agents)})
+        result.idle_agents = counts["idle_agents"]
+        result.capacity = settings.capacity
+        result.heartbeat_s = settings.heartbeat
+        result.window_s = max(settings.duration, settings.heartbeat)
+        async with (
+            self.servers.relayd("idle-10000", clients=0) as target,
+            trio.open_nursery() as agents,
+        ):
+            server = target.server
+            settle = min(SETTLE, settings.duration)
+            await self.settle(settle)
+            before = server.memory() if server else None
+            fleet = Fleet(target.agent_url, bench_handler(self.tracker))
+            fleet.headers = self.agent_headers()
+            await self.connect(agents, fleet, result.idle_agents, result, "idle agents")
+            await self.settle(settle)
+            with GcWatch() as watch:
+                cpu_before = CpuSnapshot.take(server)
+                await self.settle(result.window_s, "measuring heartbeat CPU")
+                CpuSnapshot.take(server).since(cpu_before, result)
+            result.bench_gc_s = watch.paused
+            after = server.memory() if server else None
+            await self.census(result, target)
+            agents.cancel_scope.cancel()
+        if result.server_cpu_s is not None:
+            result.cpu_percent = result.server_cpu_s / result.window_s * 100
+            result.cpu_percent_at_15s = (
+                result.cpu_percent * settings.heartbeat / REFERENCE_HEARTBEAT
+            )
+            if settings.heartbeat != REFERENCE_HEARTBEAT:
+                result.notes.append(
+                    f"heartbeat every {settings.heartbeat:g}s: CPU scaled to a 15s interval "
+                    "for the target (ping work is proportional to the ping rate)"
+                )
+        if before is not None and after is not None:
+            result.rss_before_bytes = before.rss
+            result.rss_after_bytes = after.rss
+            result.server_rss_bytes = after.rss
+            result.server_peak_rss_bytes = after.peak
+            agents_counted = result.agents_connected or fleet.connected
+            if agents_counted:
+                result.rss_per_agent_bytes = (after.rss - before.rss) / agents_counted
+        return result
+
+    # -- pieces ----------------------------------------------------------------------
+
+    def agent_headers(self) -> list[tuple[bytes, bytes]]:
+        key = self.settings.agent_key
+        return [(b"authorization", b"Bearer " + key.encode())] if key else []
+
+    async def settle(self, seconds: float, what: str = "settling") -> None:
+        """Wait ``seconds``, showing a countdown."""
+        end = trio.current_time() + seconds
+        while (left := end - trio.current_time()) > 0:
+            self.progress(f"{what}: {left:.0f}s")
+            await trio.sleep(min(PROGRESS_INTERVAL, left))
+
+    async def connect(
+        self, nursery: trio.Nursery, fleet: Fleet, number: int, result: ScenarioResult, what: str
+    ) -> None:
+        def shown(done: int, total: int) -> None:
+            if done == total or done % 50 == 0:
+                self.progress(f"{result.name}: connecting {what} {done}/{total}")
+
+        await fleet.start(nursery, number, on_progress=shown)
+        if fleet.failed:
+            result.notes.append(
+                f"{fleet.failed} of {number} {what} could not connect: {'; '.join(fleet.failures)}"
+            )
+
+    async def occupy(self, target: Target, sinks: Fleet, result: ScenarioResult) -> None:
+        """Take every slot of the ``sinks`` (agents that never answer) through relayd.
+
+        Each slot gets a request from a client that hangs up once the request
+        has reached an agent: the seed protocol has no cancel, so relayd keeps
+        the slot taken until the agent answers, which these agents never do.
+        """
+        slots = len(sinks.stats) * self.settings.capacity
+        limiter = trio.CapacityLimiter(HOLD_CONCURRENCY)
+        outcomes: dict[str, int] = {}
+        done = 0
+
+        async def hold() -> None:
+            nonlocal done
+            number = next(self.numbers)
+            reached = self.tracker.expect(number)
+            body = json.dumps({"content": content_for(number)}).encode()
+            outcome = "not reached in 30s"
+            async with (
+                limiter,
+                HttpClient(target.host, target.port, headers=target.client_headers()) as client,
+                trio.open_nursery() as nursery,
+            ):
+
+                async def ask() -> None:
+                    nonlocal outcome
+                    try:
+                        response = await client.request("POST", "/api/ask", body)
+                        outcome = f"answered {response.status}"
+                    except (OSError, trio.BrokenResourceError, HttpError) as error:
+                        outcome = f"connection error: {error}"
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(ask)
+                with trio.move_on_after(30):
+                    await reached.wait()
+                    outcome = "held"
+                nursery.cancel_scope.cancel()
+            self.tracker.forget(number)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            done += 1
+            if done % 50 == 0 or done == slots:
+                self.progress(f"{result.name}: taking busy agents' slots {done}/{slots}")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(slots):
+                nursery.start_soon(hold)
+        held = outcomes.pop("held", 0)
+        if outcomes:
+            result.notes.append(
+                f"{held} of {slots} busy-agent slots taken; the others: "
+                + ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items()))
+            )
+        result.notes.append(
+            f"{held} slots of {len(sinks.stats)} agents held by requests that are never answered"
+        )
+
+    async def census(self, result: ScenarioResult, target: Target) -> None:
+        """Agents connected (and busy) as relayd counts them; memory at the end."""
+        if target.server is not None:
+            memory = target.server.memory()
+            if memory is not None:
+                result.server_rss_bytes = memory.rss
+                result.server_peak_rss_bytes = memory.peak
+        connected, busy = await count_agents(target)
+        result.agents_connected, result.agents_busy = connected, busy
+        expected = result.agents + result.idle_agents
+        if connected is not None and connected < expected and self.settings.url is None:
+            result.notes.append(
+                f"relayd counts {connected} agents connected at the end, {expected} expected: "
+                "it dropped some (see its log, --workdir keeps it)"
+            )
