@@ -112,7 +112,9 @@ class Dispatcher:
         self._any: OrderedDict[int, _Waiter] = OrderedDict()
         self._targeted: dict[str, OrderedDict[int, _Waiter]] = {}
         self._queued = 0
-        self._identities: OrderedDict[str, str] = OrderedDict()  # agent id → credential
+        # Agent id → credential, oldest first; a plain dict (re-inserted on use)
+        # costs less per entry than an OrderedDict.
+        self._identities: dict[str, str] = {}
         self._agent_arrived = trio.Event()
         self._closing = False
         # Whether an agent credential is still accepted; the state sets it so that
@@ -162,10 +164,10 @@ class Dispatcher:
             raise AdmissionRefused("too many agents connected", CloseCode.TRY_AGAIN_LATER)
         if hello.is_reclaim:
             self._reclaim(session, hello.connection_id)
+        self._identities.pop(session.agent_id, None)
         self._identities[session.agent_id] = session.credential
-        self._identities.move_to_end(session.agent_id)
         while len(self._identities) > _REMEMBERED_IDS:
-            self._identities.popitem(last=False)
+            del self._identities[next(iter(self._identities))]
         self.pool.add(session)
         self._agent_arrived.set()
         self._agent_arrived = trio.Event()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import KeysView
 from typing import Any
 
 from relayd.protocol.errors import CloseCode, LocalProtocolError, RemoteProtocolError
@@ -132,16 +133,23 @@ class RelayConnection:
     agent's in-flight work, as the protocol sees it.
     """
 
-    __slots__ = ("_state", "connection_id", "outstanding")
+    __slots__ = ("_outstanding", "_state", "connection_id")
 
     def __init__(self, connection_id: str) -> None:
         self.connection_id = connection_id
         self._state = State.NEW
-        self.outstanding: set[str] = set()
+        # A dict used as an ordered set: a third of an empty set's size, and
+        # there is one per connected agent.
+        self._outstanding: dict[str, None] = {}
 
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def outstanding(self) -> KeysView[str]:
+        """Ids of requests sent and not yet answered (compares equal to a set)."""
+        return self._outstanding.keys()
 
     # -- sending -----------------------------------------------------------
 
@@ -158,7 +166,7 @@ class RelayConnection:
             )
         if isinstance(event, Ping):
             return encode_frame(event.ping_id, PING, "")
-        if event.request_id in self.outstanding:
+        if event.request_id in self._outstanding:
             raise LocalProtocolError(f"request id {event.request_id} is already in flight")
         data = _encoder.encode(
             {
@@ -168,7 +176,7 @@ class RelayConnection:
                 "content": event.content,
             }
         )
-        self.outstanding.add(event.request_id)
+        self._outstanding[event.request_id] = None
         return encode_frame(event.request_id, REQUEST, data)
 
     # -- receiving -----------------------------------------------------------
@@ -193,11 +201,11 @@ class RelayConnection:
         if kind == PONG:
             return Pong(frame_id)
         if kind in (RESPONSE, ERROR):
-            if frame_id not in self.outstanding:
+            if frame_id not in self._outstanding:
                 raise RemoteProtocolError(
                     f"{kind!r} for request {frame_id!r}, which is not in flight"
                 )
-            self.outstanding.discard(frame_id)
+            del self._outstanding[frame_id]
             if kind == ERROR:
                 return AgentError(frame_id, data or "agent reported an error")
             fields = _decode_data(data, _REPLY_FIELDS)
@@ -216,8 +224,8 @@ class RelayConnection:
 
     def connection_lost(self) -> Closed:
         """The transport is gone: every outstanding request is lost."""
-        lost = tuple(self.outstanding)
-        self.outstanding.clear()
+        lost = tuple(self._outstanding)
+        self._outstanding.clear()
         self._state = State.CLOSED
         return Closed(lost)
 
