@@ -59,6 +59,7 @@ from relayd.protocol import (
     Request,
     State,
 )
+from relayd.sync import LeanLock
 
 __all__ = [
     "AdmissionRefused",
@@ -167,8 +168,7 @@ class AgentSession:
         "_ping_count",
         "_protocol_errors",
         "_scope",
-        "_send_waiters",
-        "_sending",
+        "_send_lock",
         "_transport",
         "agent_id",
         "capacity",
@@ -203,8 +203,7 @@ class AgentSession:
         self.last_message_at = now
         self.last_pong_at: float | None = None
         self._calls: dict[str, Call] = {}
-        self._sending = False
-        self._send_waiters: trio.lowlevel.ParkingLot | None = None
+        self._send_lock = LeanLock()  # a trio.Lock would be most of a KB per idle agent
         self._scope: trio.CancelScope | None = None
         self._closing = False  # request_close() was called
         self._ping_count = 0
@@ -261,23 +260,9 @@ class AgentSession:
         return await self.complete(self.start_call(request))
 
     async def _send(self, text: str) -> None:
-        """Send one frame; one sender at a time, the others wait their turn.
-
-        A flag and a parking lot created on first contention, rather than a
-        trio.Lock per session: the lock would be most of a kilobyte on every
-        idle agent, and contention is rare (a request while a ping goes out).
-        """
-        while self._sending:
-            if self._send_waiters is None:
-                self._send_waiters = trio.lowlevel.ParkingLot()
-            await self._send_waiters.park()
-        self._sending = True
-        try:
+        """Send one frame; one sender at a time (the session's single writer)."""
+        async with self._send_lock:
             await self._transport.send(text)
-        finally:
-            self._sending = False
-            if self._send_waiters:
-                self._send_waiters.unpark()
 
     def request_close(self, code: int, reason: str) -> None:
         """End the session from outside (shutdown, reclaim, revoked key)."""
@@ -318,7 +303,45 @@ class AgentSession:
                 if hello.is_reclaim and self.agent_id == hello.connection_id
                 else "",
             )
-            reason = await self._serve()
+            # Read frames and send pings until the agent goes. One cancel scope
+            # at a time, one per heartbeat period: its deadline is the earlier
+            # of the next ping and the end of the agent's allowance of silence,
+            # which every frame moves forward. When the deadline passes, the
+            # period ends: the agent is dropped if it was silent too long, else
+            # pinged in the next period. request_close() cancels the current
+            # period's scope. (Inline, not a method: one coroutine frame fewer
+            # on every idle agent.)
+            settings = self._host.agents_config()
+            now = trio.current_time()
+            alive_until = now + settings.heartbeat_timeout
+            next_ping = now + settings.heartbeat_interval
+            ping_due = False
+            ended: str | None = None
+            while ended is None:
+                if ping_due:
+                    next_ping = trio.current_time() + self._host.agents_config().heartbeat_interval
+                with trio.CancelScope(deadline=min(alive_until, next_ping)) as self._scope:
+                    if self._closing:
+                        self._scope.cancel()
+                    if ping_due:
+                        ping_due = False
+                        self._ping_count += 1
+                        await self._send(self.protocol.send(Ping(f"ping-{self._ping_count}")))
+                    while ended is None:
+                        message = await self._transport.receive()
+                        if message is None:
+                            ended = "agent closed the connection"
+                            break
+                        self.last_message_at = time.time()
+                        settings = self._host.agents_config()
+                        alive_until = trio.current_time() + settings.heartbeat_timeout
+                        self._scope.deadline = min(alive_until, next_ping)
+                        if not self._handle(message):
+                            ended = self._close_reason
+                if ended is None:
+                    ended = self._period_over(alive_until)
+                    ping_due = True
+            reason = ended
         except Exception:  # isolation boundary: one agent session, never the daemon
             log.exception("agent session failed: %s remote=%s", self, self.remote)
             self._close_code = CloseCode.INTERNAL_ERROR
@@ -375,50 +398,17 @@ class AgentSession:
         self.last_message_at = time.time()
         return hello
 
-    async def _serve(self) -> str:
-        """Read frames and send pings until the agent goes; returns why.
-
-        One cancel scope at a time, one per heartbeat period: its deadline is
-        the earlier of the next ping and the end of the agent's allowance of
-        silence, and every frame moves the allowance forward. When the
-        deadline passes, the period ends: the agent is dropped if it was silent
-        too long, else pinged in the next period. :meth:`request_close`
-        cancels the current period's scope.
-        """
-        settings = self._host.agents_config()
-        now = trio.current_time()
-        alive_until = now + settings.heartbeat_timeout
-        next_ping = now + settings.heartbeat_interval
-        ping_due = False
-        while True:
-            if ping_due:
-                next_ping = trio.current_time() + self._host.agents_config().heartbeat_interval
-            with trio.CancelScope(deadline=min(alive_until, next_ping)) as self._scope:
-                if self._closing:
-                    self._scope.cancel()
-                if ping_due:
-                    ping_due = False
-                    self._ping_count += 1
-                    await self._send(self.protocol.send(Ping(f"ping-{self._ping_count}")))
-                while True:
-                    message = await self._transport.receive()
-                    if message is None:
-                        return "agent closed the connection"
-                    self.last_message_at = time.time()
-                    settings = self._host.agents_config()
-                    alive_until = trio.current_time() + settings.heartbeat_timeout
-                    self._scope.deadline = min(alive_until, next_ping)
-                    if not self._handle(message):
-                        return self._close_reason
-            if self._closing:
-                return self._close_reason or "closed by relayd"
-            if trio.current_time() >= alive_until:
-                timeout = self._host.agents_config().heartbeat_timeout
-                log.warning("agent silent for %.1fs, dropping it: %s", timeout, self)
-                self._close_code = CloseCode.GOING_AWAY
-                self._close_reason = "heartbeat timeout"
-                return "heartbeat timeout"
-            ping_due = True
+    def _period_over(self, alive_until: float) -> str | None:
+        """A heartbeat period's scope ended: why the session ends, or None to ping."""
+        if self._closing:
+            return self._close_reason or "closed by relayd"
+        if trio.current_time() >= alive_until:
+            timeout = self._host.agents_config().heartbeat_timeout
+            log.warning("agent silent for %.1fs, dropping it: %s", timeout, self)
+            self._close_code = CloseCode.GOING_AWAY
+            self._close_reason = "heartbeat timeout"
+            return "heartbeat timeout"
+        return None
 
     def _handle(self, message: str | bytes) -> bool:
         """Process one frame; False when the session must end."""
