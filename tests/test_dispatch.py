@@ -1023,3 +1023,18 @@ async def test_many_concurrent_asks_respect_capacity_and_leak_nothing(
         assert session.inflight == len(session.protocol.outstanding)
     assert dispatcher.pool.statistics().inflight == sum(s.inflight for s in live)
     assert dispatcher.queued == 0
+
+
+def test_new_uuid_makes_valid_distinct_version_4_uuids() -> None:
+    """The seed sent fresh UUIDs as message and parent ids; agents may parse them."""
+    import uuid
+
+    from relayd.dispatch import new_uuid
+
+    made = [new_uuid() for _ in range(20_000)]
+    assert len(set(made)) == len(made)
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text
