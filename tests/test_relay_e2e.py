@@ -686,3 +686,51 @@ async def test_shutdown_closes_agents_with_going_away(relayd: Relayd) -> None:
             await agent.finished.wait()
     assert code == 0
     assert agent.stats.close_code == 1001
+
+
+async def test_a_queued_request_is_abandoned_when_its_client_goes(
+    relayd_factory: Callable[..., Relayd],
+) -> None:
+    """A request waiting for a busy agent leaves the queue as soon as its client
+    disconnects: the queue place (max_queue = 1) is free again within moments,
+    long before requests.queue_timeout (60 s), and the agent never sees it."""
+    relayd = relayd_factory(config='[requests]\nmax_queue = 1\nqueue_timeout = "60s"\n')
+    received = trio.Event()
+    release = trio.Event()
+
+    async def slow(request: Request) -> tuple[str, str, str]:
+        received.set()
+        await release.wait()
+        return str(uuid.uuid4()), str(uuid.uuid4()), "echo:" + request.content
+
+    results: dict[str, httpx.Response] = {}
+
+    async def asking(http: httpx.AsyncClient, content: str) -> None:
+        results[content] = await ask(http, relayd, content=content)
+
+    async def keep_asking(http: httpx.AsyncClient) -> None:
+        # 503 "queue is full" while "gone" still holds the place; then it queues.
+        for _ in range(40):
+            results["kept"] = response = await ask(http, relayd, content="kept")
+            if response.status_code != 503:
+                return
+            await trio.sleep(0.1)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery, client(relayd) as http:
+            agent = await start_agent(nursery, relayd.agent_url, slow)
+            await wait_for_agents(http, relayd, count=1)
+            async with trio.open_nursery() as clients:
+                clients.start_soon(asking, http, "first")
+                await received.wait()
+                # "gone" takes the only queue place, then its client hangs up.
+                async with client(relayd) as leaving:
+                    with trio.move_on_after(1):
+                        await ask(leaving, relayd, content="gone")
+                clients.start_soon(keep_asking, http)
+                await trio.sleep(2)  # well past the hang-up, far short of 60 s
+                release.set()
+            nursery.cancel_scope.cancel()
+    assert results["first"].status_code == 200
+    assert results["kept"].status_code == 200, results["kept"].text
+    assert "gone" not in agent.stats.contents
