@@ -47,10 +47,6 @@ class Conversations:
         self._entries.move_to_end(conversation_id)
         return entry
 
-    def peek(self, conversation_id: str) -> Conversation | None:
-        """The entry, if any, without marking it used (it may have expired)."""
-        return self._entries.get(conversation_id)
-
     def record(
         self, conversation_id: str, *, agent_id: str, user_id: str, response_id: str, now: float
     ) -> None:

@@ -211,28 +211,6 @@ class Dispatcher:
 
     # -- asking ---------------------------------------------------------------------
 
-    def can_start_now(self, question: Question) -> bool:
-        """Whether ``ask(question)`` would reach an agent (or fail) without waiting.
-
-        Exact when ``ask`` is called right after with no checkpoint between:
-        the slot is taken before the first checkpoint.
-        """
-        if self._closing:
-            return True
-        if question.conversation_id:
-            entry = self.conversations.peek(question.conversation_id)
-            if entry is None:
-                return True  # 404 at once
-            session = self.pool.get(entry.agent_id)
-            return (
-                session is not None
-                and session.inflight < session.capacity
-                and entry.agent_id not in self._targeted
-            )
-        if not len(self.pool):
-            return self.config.requests.wait_for_agent <= 0  # 503 at once
-        return not self._any and self.pool.pick() is not None
-
     async def ask(self, question: Question) -> Answer:
         """Get ``question`` answered within ``requests.timeout``.
 

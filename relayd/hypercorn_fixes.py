@@ -28,6 +28,13 @@ listeners (relayd does not terminate TLS itself). What it fixes:
    (:class:`WriteLimits`); when it passes, the write gives up and the
    connection is closed.
 
+4. **A client that went away held its socket until the app finished.**
+   Hypercorn closes a connection only after its app task returns; a client
+   that gives up while an agent works would keep a file descriptor and a task
+   until the agent answered. When the client's side closes, its HTTP request
+   is now cancelled at once (what Quart-Trio does on ``http.disconnect``),
+   without a watcher task per request.
+
 It also gives each connection a lean mutex instead of Hypercorn's
 ``trio.Lock`` (memory per idle agent is a measured target).
 """
@@ -43,6 +50,7 @@ from typing import Any
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -167,7 +175,16 @@ class GuardedTCPServer(TCPServer):
             await self.protocol.handle(RawData(bytes(data)))
             if data == b"":
                 break
+        websocket = isinstance(getattr(self.protocol.protocol, "stream", None), WSStream)
         await self.protocol.handle(Closed())
+        if not websocket:
+            # The client is gone: abandon what the app still does for it, now,
+            # so that its socket and task are freed (Hypercorn would wait for
+            # the app, e.g. for an agent's answer nobody will read). An agent
+            # session ends by itself on the disconnect message.
+            nursery = self._task_group._nursery
+            if nursery is not None:
+                nursery.cancel_scope.cancel()
 
     async def _idle_timeout(self) -> None:
         """Hypercorn starts this as its idle timer; the read deadline does the job."""
