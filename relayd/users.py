@@ -116,16 +116,41 @@ class UserTable:
         return next((user for user in self.users if user.user_id == user_id), None)
 
 
+def _owner_for(path: Path, *, from_directory: bool = False) -> tuple[int, int] | None:
+    """Who a file written by root into the state directory must belong to.
+
+    ``sudo relayd users add --state-dir /var/lib/relayd`` runs as root, but the
+    service reads the file as its own (systemd dynamic) user: a root-owned
+    0600 file would lock it out. So root keeps the existing file's owner, or
+    gives a new file (always, with ``from_directory``) the directory's owner.
+    None when not root (nothing to change, and not allowed) or when root owns
+    the place anyway.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        stat = os.stat(path.parent if from_directory else path)
+    except FileNotFoundError:
+        stat = os.stat(path.parent)
+    if stat.st_uid == 0 and stat.st_gid == 0:
+        return None
+    return stat.st_uid, stat.st_gid
+
+
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so that readers see old or new, never a mix.
 
     Temp file in the same directory, fsync, ``os.replace``, fsync the directory.
+    Written by root, the file keeps (or takes) the state directory's owner.
     """
     directory = path.parent
+    owner = _owner_for(path)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as temp:
             os.fchmod(temp.fileno(), mode)
+            if owner is not None:
+                os.fchown(temp.fileno(), *owner)
             temp.write(data)
             temp.flush()
             os.fsync(temp.fileno())
@@ -155,6 +180,9 @@ class UserStore:
     def _locked(self) -> Iterator[None]:
         try:
             fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            owner = _owner_for(self._lock_path, from_directory=True)
+            if owner is not None:
+                os.fchown(fd, *owner)  # the service must be able to take the lock too
         except OSError as error:
             raise UserStoreError(f"{self._lock_path}: cannot open: {error.strerror}") from None
         try:

@@ -547,3 +547,23 @@ def test_lock_is_held_across_the_read_modify_write(tmp_path: Path) -> None:
     assert child.wait(timeout=20) == 0
     names = [u.name or u.user_id for u in store.load().users]
     assert names == ["first", "locked-writer", "child"]
+
+
+def test_root_writes_keep_the_state_directory_owner(tmp_path: Path) -> None:
+    """`sudo relayd users add --state-dir /var/lib/relayd` must leave files the
+    service's own (dynamic) user can read and lock: the state directory's owner."""
+    assert os.geteuid() == 0, "this test chowns files: run it as root (CI does)"
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 61234, 61234)
+    store = UserStore(state)
+    store.add("alice")
+    for name in ("users.toml", "users.toml.lock"):
+        info = (state / name).stat()
+        assert (info.st_uid, info.st_gid) == (61234, 61234), name
+    # An existing file keeps its owner even if the directory's differs.
+    os.chown(state / "users.toml", 61235, 61235)
+    store.add("bob")
+    info = (state / "users.toml").stat()
+    assert (info.st_uid, info.st_gid) == (61235, 61235)
+    assert (info.st_mode & 0o777) == 0o600
