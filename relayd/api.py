@@ -28,7 +28,7 @@ from relayd.agents.auth import agent_key_from_path
 from relayd.agents.websocket import AgentEndpoint, Receive, Scope, Send, deny_websocket
 from relayd.ask import AskEndpoint
 from relayd.config import Config
-from relayd.errors import BadRequest, NotFound, PayloadTooLarge, RelayError
+from relayd.errors import BadRequest, NotFound, PayloadTooLarge, RelayError, retry_after_header
 from relayd.state import RelayState
 from relayd.users import UserStoreError
 from relayd.web import (
@@ -53,7 +53,7 @@ AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 def error_response(status: int, message: str, retry_after: float | None = None) -> Response:
     response = Response(error_body(message), status=status, content_type="application/json")
     if retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, round(retry_after)))
+        response.headers["Retry-After"] = retry_after_header(retry_after)
     return response
 
 

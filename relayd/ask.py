@@ -20,7 +20,7 @@ import logging
 
 from relayd.agents.websocket import Receive, Scope, Send
 from relayd.dispatch import Question
-from relayd.errors import BadRequest, PayloadTooLarge, RelayError
+from relayd.errors import BadRequest, PayloadTooLarge, RelayError, retry_after_header
 from relayd.state import RelayState
 from relayd.web import Gate, error_body, optional_string, parse_json_object, status_of
 
@@ -82,7 +82,7 @@ class AskEndpoint:
             )
             extra = []
             if error.retry_after is not None:
-                extra.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+                extra.append((b"retry-after", retry_after_header(error.retry_after).encode()))
             await _respond(send, status, error_body(error.message), extra)
             return
         finally:

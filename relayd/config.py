@@ -39,6 +39,7 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "parse_size",
+    "read_problem",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.toml")
@@ -406,7 +407,7 @@ def load_config(path: Path | None) -> Config:
     except UnicodeDecodeError:
         raise ConfigError("the file is not valid UTF-8", source=source) from None
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read the file: {_read_problem(error)}", source=source) from None
+        raise ConfigError(f"cannot read the file: {read_problem(error)}", source=source) from None
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -415,7 +416,7 @@ def load_config(path: Path | None) -> Config:
     return parse_config(document, source=source)
 
 
-def _read_problem(error: Exception) -> str:
+def read_problem(error: Exception) -> str:
     """What went wrong reading a file, in a few words."""
     if isinstance(error, OSError):
         return error.strerror or str(error)
@@ -433,7 +434,7 @@ def read_keys_file(path: Path) -> tuple[str, ...]:
         lines = path.read_text("utf-8").splitlines()
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ConfigError(
-            f"cannot read agent keys: {_read_problem(error)}", source=str(path)
+            f"cannot read agent keys: {read_problem(error)}", source=str(path)
         ) from None
     keys = []
     for number, line in enumerate(lines, 1):

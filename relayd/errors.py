@@ -23,7 +23,13 @@ __all__ = [
     "ShuttingDown",
     "Unauthorized",
     "UnknownConversation",
+    "retry_after_header",
 ]
+
+
+def retry_after_header(seconds: float) -> str:
+    """The ``Retry-After`` value for a wait: whole seconds, at least 1."""
+    return str(max(1, round(seconds)))
 
 
 class RelayError(Exception):

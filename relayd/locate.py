@@ -7,7 +7,6 @@ answer came from so that the log can tell the operator.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import secrets
@@ -15,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relayd.config import DEFAULT_CONFIG_PATH, Config, ConfigError
-from relayd.users import atomic_write
+from relayd.config import DEFAULT_CONFIG_PATH, Config, ConfigError, read_problem
+from relayd.users import atomic_write, secret_digest
 
 __all__ = [
     "AdminKey",
@@ -90,25 +89,18 @@ class AdminKey:
 
     @classmethod
     def of(cls, key: str, source: str, *, generated: bool = False) -> AdminKey:
-        return cls(_digest(key), source, key if generated else None)
+        return cls(secret_digest(key), source, key if generated else None)
 
     def verify(self, candidate: str) -> bool:
         """Constant-time: compares digests, so neither length nor prefix leaks."""
-        return hmac.compare_digest(_digest(candidate), self.digest)
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        return hmac.compare_digest(secret_digest(candidate), self.digest)
 
 
 def _read_key_file(path: Path) -> str:
     try:
         key = path.read_text("utf-8").strip()
-    except UnicodeDecodeError:
-        raise AdminKeyError(f"{path}: cannot read the admin key: not valid UTF-8") from None
-    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
-        reason = error.strerror if isinstance(error, OSError) else str(error)
-        raise AdminKeyError(f"{path}: cannot read the admin key: {reason}") from None
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, or a NUL in the path
+        raise AdminKeyError(f"{path}: cannot read the admin key: {read_problem(error)}") from None
     if not key:
         raise AdminKeyError(f"{path}: the admin key file is empty")
     return key

@@ -10,7 +10,6 @@ leaves everything as it was.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,6 @@ class RelayState:
     dispatcher: Dispatcher = field(init=False)
     store_lock: trio.Lock = field(default_factory=trio.Lock)
     reload_hooks: list[Callable[[Config], None]] = field(default_factory=list)
-    started_at: float = field(default_factory=time.time)
 
     throttle: FailureThrottle = field(init=False)
 

@@ -46,6 +46,7 @@ __all__ = [
     "atomic_write",
     "hash_token",
     "new_token",
+    "secret_digest",
 ]
 
 USERS_FILE = "users.toml"
@@ -65,8 +66,16 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def secret_digest(secret: str) -> bytes:
+    """SHA-256 of a token or key, the only form in which relayd keeps secrets.
+
+    ``surrogatepass`` so that no string a client can send makes it raise.
+    """
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    return secret_digest(token).hex()
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ keys themselves are never stored on a session or logged.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
+
+from relayd.users import secret_digest
 
 __all__ = ["AGENT_PATH", "AgentKeys", "AgentRefusal", "agent_key_from_path", "is_loopback"]
 
@@ -62,7 +63,7 @@ class AgentKeys:
 
     @classmethod
     def of(cls, keys: tuple[str, ...], *, allow_loopback_without_key: bool) -> AgentKeys:
-        return cls(frozenset(_digest(key) for key in keys), allow_loopback_without_key)
+        return cls(frozenset(secret_digest(key) for key in keys), allow_loopback_without_key)
 
     def __len__(self) -> int:
         return len(self.digests)
@@ -90,7 +91,7 @@ class AgentKeys:
                     key = field_value
                     break
         if key is not None:
-            digest = _digest(key)
+            digest = secret_digest(key)
             # Constant-time against every key, so timing tells nothing of which is near.
             matched = False
             for accepted in self.digests:
@@ -111,7 +112,3 @@ class AgentKeys:
         if credential == LOOPBACK:
             return self.allow_loopback_without_key
         return bytes.fromhex(credential.removeprefix("key:")) in self.digests
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()

@@ -22,6 +22,7 @@ import trio
 
 from relayd.agents.auth import AgentKeys, AgentRefusal
 from relayd.agents.session import AgentSession, SessionHost
+from relayd.errors import retry_after_header
 from relayd.throttle import FailureThrottle
 
 __all__ = ["AgentEndpoint", "AsgiTransport", "deny_websocket"]
@@ -156,7 +157,7 @@ async def deny_websocket(
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="relayd agents"'))
         if retry_after is not None:
-            headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
+            headers.append((b"retry-after", retry_after_header(retry_after).encode()))
         await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
         await send({"type": "websocket.http.response.body", "body": body})
     else:
