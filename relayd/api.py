@@ -43,7 +43,7 @@ from relayd.web import (
     token_from_header,
 )
 
-__all__ = ["STATUS", "AsgiApp", "create_app", "create_asgi_app", "rfc3339"]
+__all__ = ["STATUS", "AsgiApp", "agent_endpoint", "create_app", "create_asgi_app", "rfc3339"]
 
 log = logging.getLogger("relayd.api")
 
@@ -221,11 +221,17 @@ async def _no_websocket_route(scope: Scope, receive: Receive, send: Send) -> Non
         await deny_websocket(scope, send, 404, message)
 
 
-def create_asgi_app(state: RelayState) -> AsgiApp:
+def agent_endpoint(state: RelayState) -> AgentEndpoint:
+    """The agents' endpoint; the daemon also hands it to the server loop (wire path)."""
+    return AgentEndpoint(state.dispatcher, lambda: state.agent_keys, state.throttle)
+
+
+def create_asgi_app(state: RelayState, agents: AgentEndpoint | None = None) -> AsgiApp:
     """The whole server: ``/api/ask`` and agent WebSockets served bare (the hot
     paths), everything else by Quart."""
     quart_app = create_app(state)
-    agents = AgentEndpoint(state.dispatcher, lambda: state.agent_keys, state.throttle)
+    if agents is None:
+        agents = agent_endpoint(state)
 
     ask = AskEndpoint(state)
 

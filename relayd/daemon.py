@@ -36,7 +36,8 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIFramework
 
 from relayd import logs
-from relayd.api import AsgiApp, create_asgi_app
+from relayd.agents.websocket import AgentEndpoint
+from relayd.api import AsgiApp, agent_endpoint, create_asgi_app
 from relayd.config import Config, ConfigError
 from relayd.hypercorn_fixes import serve
 from relayd.protocol import CloseCode
@@ -114,9 +115,12 @@ class Daemon:
                 stop_serving = trio.Event()
                 served = trio.Event()
                 binds = self._binds()
-                app = create_asgi_app(self.state)
+                agents = agent_endpoint(self.state)
+                app = create_asgi_app(self.state, agents)
                 hc = hypercorn_config(self.state.config, binds)
-                bound: list[str] = await root.start(self._serve, app, hc, stop_serving, served)
+                bound: list[str] = await root.start(
+                    self._serve, app, agents, hc, stop_serving, served
+                )
                 self.listening = ", ".join(bound)
                 tune_gc()
                 log.info("relayd ready: listening on %s", self.listening)
@@ -126,6 +130,7 @@ class Daemon:
                     log.info("systemd watchdog: pinging every %.1fs", interval)
                     root.start_soon(watchdog_loop, self.notifier, interval)
                 root.start_soon(self._status_loop)
+                root.start_soon(self.state.dispatcher.heartbeat.run)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         self.reload()
@@ -143,6 +148,7 @@ class Daemon:
     async def _serve(
         self,
         app: AsgiApp,
+        agents: AgentEndpoint,
         hc: HypercornConfig,
         stop: trio.Event,
         served: trio.Event,
@@ -152,7 +158,13 @@ class Daemon:
         try:
             # Our callable is a plain ASGI 3 app; Hypercorn's type is a union of its TypedDicts.
             framework = cast("ASGIFramework", app)
-            await serve(framework, hc, shutdown_trigger=stop.wait, task_status=task_status)
+            await serve(
+                framework,
+                hc,
+                shutdown_trigger=stop.wait,
+                takeover=agents,  # agent WebSockets on the wire path
+                task_status=task_status,
+            )
         finally:
             served.set()
 

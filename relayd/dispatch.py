@@ -33,6 +33,7 @@ from itertools import count
 
 import trio
 
+from relayd.agents.heartbeat import Heartbeat
 from relayd.agents.pool import AgentPool
 from relayd.agents.session import (
     AdmissionRefused,
@@ -115,6 +116,7 @@ class Dispatcher:
     def __init__(self, config: Config, *, clock: Callable[[], float] | None = None) -> None:
         self.config = config
         self.pool = AgentPool()
+        self.heartbeat = Heartbeat(self.agents_config)  # its owner runs heartbeat.run()
         self.conversations = Conversations(
             ttl=config.conversations.ttl, limit=config.conversations.max
         )
@@ -181,6 +183,7 @@ class Dispatcher:
         while len(self._identities) > _REMEMBERED_IDS:
             del self._identities[next(iter(self._identities))]
         self.pool.add(session)
+        self.heartbeat.watch(session)
         self._agent_arrived.set()
         self._agent_arrived = trio.Event()
         self._offer(session)

@@ -7,6 +7,8 @@ one becomes is the API's business (``relayd.api.STATUS``), not theirs.
 
 from __future__ import annotations
 
+import math
+
 __all__ = [
     "AgentFailed",
     "AgentTimeout",
@@ -28,8 +30,11 @@ __all__ = [
 
 
 def retry_after_header(seconds: float) -> str:
-    """The ``Retry-After`` value for a wait: whole seconds, at least 1."""
-    return str(max(1, round(seconds)))
+    """The ``Retry-After`` value for a wait: whole seconds, rounded up, at least 1.
+
+    Rounded up so that a client that waits as told is not turned away again.
+    """
+    return str(max(1, math.ceil(seconds)))
 
 
 class RelayError(Exception):

@@ -45,7 +45,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, cast
 
 import trio
 from hypercorn.config import Config
@@ -55,16 +55,25 @@ from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState, LifespanState
-from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+from hypercorn.utils import (
+    ShutdownError,
+    parse_socket_addr,
+    raise_shutdown,
+    repr_socket_addr,
+    wrap_app,
+)
 
 from relayd.sync import LeanLock
 
-__all__ = ["WRITE_TIMEOUT", "GuardedTCPServer", "WriteLimits", "serve"]
+__all__ = ["MAX_HEAD", "WRITE_TIMEOUT", "GuardedTCPServer", "Takeover", "WriteLimits", "serve"]
 
 log = logging.getLogger("relayd.server")
 
 # A peer must accept a write within this time or lose its connection.
 WRITE_TIMEOUT = 30.0
+# Longest request head read for a Takeover to decide on (h11's and Hypercorn's
+# limit on an incomplete request).
+MAX_HEAD = 16 * 1024
 
 
 class WriteLimits:
@@ -93,21 +102,89 @@ class WriteLimits:
         for scope in self.active:
             scope.deadline = min(scope.deadline, deadline)
 
+    async def send_all(self, stream: trio.abc.Stream, data: bytes) -> bool:
+        """Write ``data`` whole, shielded, within :meth:`deadline`.
+
+        False if the peer has gone, or did not take the data in time (its
+        stream is then closed: a write cut short leaves it unusable). The
+        caller serialises writes to one stream.
+        """
+        try:
+            with trio.CancelScope(shield=True, deadline=self.deadline()) as scope:
+                self.active.add(scope)
+                try:
+                    await stream.send_all(data)
+                finally:
+                    self.active.discard(scope)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        if scope.cancelled_caught:
+            log.info("peer is not reading, write cut short: closing its connection")
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            return False
+        return True
+
+
+class Takeover(Protocol):
+    """Serves some connections instead of Hypercorn, chosen by their first request.
+
+    relayd's agent WebSockets are served this way (:mod:`relayd.agents.wire`):
+    one task and no ASGI layers per agent. A connection not claimed goes to
+    Hypercorn with the bytes already read, so declining is always safe.
+    """
+
+    def wants(self, first_bytes: bytes) -> bool:
+        """Whether to read the rest of the request head before deciding."""
+
+    def claim(
+        self,
+        head: bytes,
+        stream: trio.SocketStream,
+        client: tuple[str, int] | None,
+        writes: WriteLimits,
+    ) -> Awaitable[None] | None:
+        """The coroutine that serves the connection, or None to leave it to Hypercorn.
+
+        It may use ``stream`` until it returns; the server closes it afterwards.
+        """
+
 
 class GuardedTCPServer(TCPServer):
     """One connection: errors confined, idle time bounded, writes bounded."""
 
-    def __init__(self, *args: Any, writes: WriteLimits, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, writes: WriteLimits, takeover: Takeover | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._writes = writes
+        self._takeover = takeover
         # Hypercorn's trio.Lock does the same job for much more memory per agent.
         self.send_lock = LeanLock()  # type: ignore[assignment]
         self._idle_since: float | None = trio.current_time()  # idle until a request starts
         self._read_scope: trio.CancelScope | None = None
+        self._first_bytes: bytes | None = None  # read before Hypercorn took the connection
 
     async def run(self) -> None:
         try:
+            if self._takeover is not None:
+                head = await self._read_head(self._takeover)
+                # Hypercorn types the stream for TLS too; serve() accepts plain sockets only.
+                stream = cast("trio.SocketStream", self.stream)
+                client = parse_socket_addr(stream.socket.family, stream.socket.getpeername())
+                served = self._takeover.claim(head, stream, client, self._writes)
+                if served is not None:
+                    try:
+                        await served
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await trio.aclose_forcefully(self.stream)
+                    return
+                self._first_bytes = head
             await super().run()
+        except OSError:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
         except Exception as error:  # isolation boundary: one connection
             log.warning(
                 "connection error, closing it: %s: %s",
@@ -117,6 +194,25 @@ class GuardedTCPServer(TCPServer):
             )
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
+
+    async def _read_head(self, takeover: Takeover) -> bytes:
+        """The connection's first bytes: its whole request head if ``takeover`` wants it.
+
+        b"" if the peer closed or sent nothing within the idle allowance.
+        """
+        data = b""
+        with trio.CancelScope(deadline=self._read_deadline()):
+            try:
+                data = bytes(await self.stream.receive_some(MAX_RECV))
+                if takeover.wants(data):
+                    while b"\r\n\r\n" not in data and len(data) < MAX_HEAD:
+                        more = await self.stream.receive_some(MAX_RECV)
+                        if not more:
+                            break
+                        data += more
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+        return data
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, Updated):
@@ -134,22 +230,8 @@ class GuardedTCPServer(TCPServer):
             return
         if isinstance(event, RawData):
             async with self.send_lock:
-                deadline = self._writes.deadline()
-                try:
-                    with trio.CancelScope(shield=True, deadline=deadline) as scope:
-                        self._writes.active.add(scope)
-                        try:
-                            await self.stream.send_all(event.data)
-                        finally:
-                            self._writes.active.discard(scope)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if not await self._writes.send_all(self.stream, event.data):
                     with trio.CancelScope(shield=True):
-                        await self.protocol.handle(Closed())
-                    return
-                if scope.cancelled_caught:
-                    log.info("peer is not reading, write cut short: closing its connection")
-                    with trio.CancelScope(shield=True):
-                        await trio.aclose_forcefully(self.stream)
                         await self.protocol.handle(Closed())
             return
         await super().protocol_send(event)
@@ -161,18 +243,22 @@ class GuardedTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         # Hypercorn's loop, with the idle deadline on the read instead of a timer task.
+        first, self._first_bytes = self._first_bytes, None
         while True:
-            with trio.CancelScope(deadline=self._read_deadline()) as scope:
-                self._read_scope = scope
-                try:
-                    data = await self.stream.receive_some(MAX_RECV)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    break
-                finally:
-                    self._read_scope = None
-            if scope.cancelled_caught:
-                break  # idle for keep_alive_timeout
-            await self.protocol.handle(RawData(bytes(data)))
+            if first is not None:
+                data, first = first, None
+            else:
+                with trio.CancelScope(deadline=self._read_deadline()) as scope:
+                    self._read_scope = scope
+                    try:
+                        data = bytes(await self.stream.receive_some(MAX_RECV))
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        break
+                    finally:
+                        self._read_scope = None
+                if scope.cancelled_caught:
+                    break  # idle for keep_alive_timeout
+            await self.protocol.handle(RawData(data))
             if data == b"":
                 break
         websocket = isinstance(getattr(self.protocol.protocol, "stream", None), WSStream)
@@ -195,9 +281,12 @@ async def serve(
     config: Config,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    takeover: Takeover | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` like ``hypercorn.trio.serve``, with :class:`GuardedTCPServer`.
+
+    Connections that ``takeover`` claims are served by it instead of Hypercorn.
 
     ``task_status.started(binds)`` once every socket listens; returns after a
     graceful shutdown (``shutdown_trigger`` returned, then up to
@@ -229,6 +318,7 @@ async def serve(
                 context,
                 ConnectionState(lifespan_state.copy()),
                 writes=writes,
+                takeover=takeover,
             )
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:

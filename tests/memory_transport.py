@@ -40,6 +40,7 @@ import trio
 import trio.testing
 
 from relayd.agents.session import AgentSession, SessionHost
+from relayd.dispatch import Dispatcher
 from relayd.protocol import (
     AgentConnection,
     AgentError,
@@ -102,6 +103,9 @@ class RelayEnd:
         # If the agent hung up, return silently, like a WebSocket.
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._outgoing.send(text)
+
+    def send_nowait(self, text: str) -> Awaitable[None] | None:
+        return self.send(text)
 
     async def close(self, code: int, reason: str) -> None:
         self.close_calls += 1
@@ -299,6 +303,8 @@ async def connect_agent(
     "Admitted" means the handshake is done and every task has settled
     (``wait_all_tasks_blocked``), so the host has registered it or refused it.
     """
+    if isinstance(host, Dispatcher) and not host.heartbeat.running:
+        nursery.start_soon(host.heartbeat.run)  # the daemon runs it; here the test's nursery
     session, relay, end = open_session(host, credential=credential, connection_id=connection_id)
     agent = MemoryAgent(end, handler or echo(), reclaim_id=reclaim_id, answer_pings=answer_pings)
     nursery.start_soon(session.run)

@@ -5,26 +5,28 @@ WebSocket handler for the whole life of the connection; its task is the only
 one the session has, and when it returns the transport is closed and nothing
 of the session is left.
 
-* **Reading and liveness.** ``run()`` reads frames and feeds them to the
-  sans-I/O :class:`~relayd.protocol.RelayConnection`, inside one cancel scope
-  per heartbeat period. The scope's deadline is the earlier of the next ping
-  and the end of the agent's allowance of silence (``heartbeat_timeout``),
-  which every frame moves forward. When it passes, the session either ends
-  (the agent was silent too long) or sends the protocol's ``ping`` and starts
-  the next period. (Hypercorn answers WebSocket-level pings itself and never
-  shows the app a pong, so liveness is the protocol's own ``ping``/``pong``.)
-  :meth:`request_close` ends the session by cancelling the current scope.
+* **Reading.** ``run()`` reads frames and feeds them to the sans-I/O
+  :class:`~relayd.protocol.RelayConnection`; every frame records when the
+  agent was last heard from (``heard_at``). :meth:`request_close` ends the
+  session by cancelling its one cancel scope.
+* **Liveness** is the relay-wide :class:`~relayd.agents.heartbeat.Heartbeat`'s:
+  it calls :meth:`ping` every ``heartbeat_interval`` and closes a session
+  silent for ``heartbeat_timeout``. (Hypercorn answers WebSocket-level pings
+  itself and never shows the app a pong, and browsers send none, so liveness
+  is the protocol's own ``ping``/``pong``.)
 * **Writing.** Frames are sent one at a time (:meth:`_send` is the single
-  writer; its waiters are bounded by the agent's slots plus one ping). A
-  request's frame is sent shielded from its caller's cancellation but not past
-  the caller's deadline: a frame half-given to the transport would otherwise
+  writer for requests; the transport serialises every writer). A request's
+  frame is sent shielded from its caller's cancellation but not past the
+  caller's deadline: a frame half-given to the transport would otherwise
   leave the agent's slot taken by a request it never received.
 
-Why one task and one cancel scope, and not a reader, a writer and a heartbeat
-task: an idle agent costs memory for as long as it is connected, and relayd
-holds thousands of them. Extra tasks, a nursery, a channel, a lock and a second
+Why one task per session, and not a reader, a writer and a heartbeat task:
+an idle agent costs memory for as long as it is connected, and relayd holds
+thousands of them. Extra tasks, a nursery, a channel, a lock and a second
 scope cost about a fifth of a connection's footprint (measured with 3,000 idle
-agents: 33.5 KB each with them, 25.2 KB without; bare Hypercorn: 22.0 KB).
+agents: 33.5 KB each with them, 25.2 KB without). And the task wakes only
+when the agent sends: a timer per session meant cancelling every idle
+agent's read once per interval, which was most of the relay's idle CPU.
 
 Requests are started by other tasks with :meth:`call`. The slot is released
 by the session, when the reply comes or the session ends, never by the caller:
@@ -38,8 +40,10 @@ is the :class:`SessionHost` interface, implemented by the dispatcher.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import Protocol
 
 import trio
@@ -81,7 +85,11 @@ MAX_CONSECUTIVE_PROTOCOL_ERRORS = 20
 
 
 class Transport(Protocol):
-    """What a session needs from a WebSocket. Tests use an in-memory pair."""
+    """What a session needs from a WebSocket. Tests use an in-memory pair.
+
+    Writes are whole frames, one at a time, in the order they were started;
+    the transport serialises its writers.
+    """
 
     async def accept(self) -> bool:
         """Complete the upgrade; False if the peer went away first."""
@@ -92,8 +100,19 @@ class Transport(Protocol):
     async def send(self, text: str) -> None:
         """Send one text message; may return silently if the peer has gone."""
 
+    def send_nowait(self, text: str) -> Awaitable[None] | None:
+        """Start sending one text message without waiting.
+
+        None if it is sent (or the peer has gone); else what remains to do,
+        which the caller must await. Frames started later go after it.
+        """
+
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code`` (no-op if already closed)."""
+
+
+async def _finish(rest: Awaitable[None]) -> None:
+    await rest
 
 
 class SessionLost(Exception):
@@ -174,9 +193,11 @@ class AgentSession:
         "capacity",
         "connected_at",
         "credential",
+        "heard_at",
         "inflight",
         "last_message_at",
         "last_pong_at",
+        "next_ping_at",
         "protocol",
         "remote",
     )
@@ -202,6 +223,8 @@ class AgentSession:
         self.connected_at = now
         self.last_message_at = now
         self.last_pong_at: float | None = None
+        self.heard_at = trio.current_time()  # the last frame from the agent, on trio's clock
+        self.next_ping_at = math.inf  # set by the Heartbeat
         self._calls: dict[str, Call] = {}
         self._send_lock = LeanLock()  # a trio.Lock would be most of a KB per idle agent
         self._scope: trio.CancelScope | None = None
@@ -264,6 +287,21 @@ class AgentSession:
         async with self._send_lock:
             await self._transport.send(text)
 
+    def ping(self, slow_sends: trio.Nursery) -> None:
+        """Send the protocol's ping now (the Heartbeat calls this).
+
+        Written straight to the transport when it takes the frame at once;
+        otherwise finished by a task in ``slow_sends``.
+        """
+        self._ping_count += 1
+        try:
+            frame = self.protocol.send(Ping(f"ping-{self._ping_count}"))
+        except LocalProtocolError:
+            return  # closing
+        rest = self._transport.send_nowait(frame)
+        if rest is not None:
+            slow_sends.start_soon(_finish, rest)
+
     def request_close(self, code: int, reason: str) -> None:
         """End the session from outside (shutdown, reclaim, revoked key)."""
         if self._scope is not None and not self._closing:
@@ -303,44 +341,24 @@ class AgentSession:
                 if hello.is_reclaim and self.agent_id == hello.connection_id
                 else "",
             )
-            # Read frames and send pings until the agent goes. One cancel scope
-            # at a time, one per heartbeat period: its deadline is the earlier
-            # of the next ping and the end of the agent's allowance of silence,
-            # which every frame moves forward. When the deadline passes, the
-            # period ends: the agent is dropped if it was silent too long, else
-            # pinged in the next period. request_close() cancels the current
-            # period's scope. (Inline, not a method: one coroutine frame fewer
-            # on every idle agent.)
-            settings = self._host.agents_config()
-            now = trio.current_time()
-            alive_until = now + settings.heartbeat_timeout
-            next_ping = now + settings.heartbeat_interval
-            ping_due = False
+            # Read frames until the agent goes. Liveness is the relay-wide
+            # Heartbeat's job (it pings, and drops a silent agent with
+            # request_close), so this task wakes only when the agent sends.
             ended: str | None = None
-            while ended is None:
-                if ping_due:
-                    next_ping = trio.current_time() + self._host.agents_config().heartbeat_interval
-                with trio.CancelScope(deadline=min(alive_until, next_ping)) as self._scope:
-                    if self._closing:
-                        self._scope.cancel()
-                    if ping_due:
-                        ping_due = False
-                        self._ping_count += 1
-                        await self._send(self.protocol.send(Ping(f"ping-{self._ping_count}")))
-                    while ended is None:
-                        message = await self._transport.receive()
-                        if message is None:
-                            ended = "agent closed the connection"
-                            break
-                        self.last_message_at = time.time()
-                        settings = self._host.agents_config()
-                        alive_until = trio.current_time() + settings.heartbeat_timeout
-                        self._scope.deadline = min(alive_until, next_ping)
-                        if not self._handle(message):
-                            ended = self._close_reason
-                if ended is None:
-                    ended = self._period_over(alive_until)
-                    ping_due = True
+            with trio.CancelScope() as self._scope:
+                if self._closing:
+                    self._scope.cancel()
+                while ended is None:
+                    message = await self._transport.receive()
+                    if message is None:
+                        ended = "agent closed the connection"
+                        break
+                    self.heard_at = trio.current_time()
+                    self.last_message_at = time.time()
+                    if not self._handle(message):
+                        ended = self._close_reason
+            if ended is None:
+                ended = self._close_reason or "closed by relayd"
             reason = ended
         except Exception:  # isolation boundary: one agent session, never the daemon
             log.exception("agent session failed: %s remote=%s", self, self.remote)
@@ -395,20 +413,9 @@ class AgentSession:
             self._close_reason = f"handshake failed: {error}"
             return None
         assert isinstance(hello, Hello)
+        self.heard_at = trio.current_time()
         self.last_message_at = time.time()
         return hello
-
-    def _period_over(self, alive_until: float) -> str | None:
-        """A heartbeat period's scope ended: why the session ends, or None to ping."""
-        if self._closing:
-            return self._close_reason or "closed by relayd"
-        if trio.current_time() >= alive_until:
-            timeout = self._host.agents_config().heartbeat_timeout
-            log.warning("agent silent for %.1fs, dropping it: %s", timeout, self)
-            self._close_code = CloseCode.GOING_AWAY
-            self._close_reason = "heartbeat timeout"
-            return "heartbeat timeout"
-        return None
 
     def _handle(self, message: str | bytes) -> bool:
         """Process one frame; False when the session must end."""

@@ -1,10 +1,12 @@
-"""The agent WebSocket endpoint, as a bare ASGI application.
+"""The agent WebSocket endpoint: on the wire path, or as a bare ASGI application.
 
 Agents are served without Quart: the route is on the hot path of every idle
 agent (memory per connection) and Quart's WebSocket wrapper cancels the
-handler's nursery on return and hides the disconnect message. Here the ASGI
-messages are adapted to the session's :class:`Transport` directly and the
-handler returns only when the session is over.
+handler's nursery on return and hides the disconnect message. Usually an
+agent's connection does not reach Hypercorn's WebSocket stack either (see
+:mod:`relayd.agents.wire`); when it does, the ASGI messages are adapted to the
+session's :class:`Transport` directly and the handler returns only when the
+session is over.
 
 A refused agent gets an HTTP 401/403 with ``{"error": ...}`` before the
 upgrade (the ASGI ``websocket.http.response`` extension, which Hypercorn
@@ -13,19 +15,28 @@ implements), and a warning in the log.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from relayd.agents.auth import AgentKeys, AgentRefusal
 from relayd.agents.session import AgentSession, SessionHost
-from relayd.errors import retry_after_header
+from relayd.agents.upgrade import (
+    accept_response,
+    may_be_agent_upgrade,
+    parse_agent_upgrade,
+    refusal_body,
+    refusal_headers,
+    refusal_response,
+)
+from relayd.agents.wire import WireTransport
+from relayd.hypercorn_fixes import WriteLimits
 from relayd.throttle import FailureThrottle
 
-__all__ = ["AgentEndpoint", "AsgiTransport", "deny_websocket"]
+__all__ = ["AgentEndpoint", "AsgiTransport", "Refusal", "deny_websocket"]
 
 log = logging.getLogger("relayd.agents")
 
@@ -80,14 +91,34 @@ class AsgiTransport:
         # a caller that only sends must still yield to the scheduler.
         await trio.lowlevel.checkpoint()
 
+    def send_nowait(self, text: str) -> Awaitable[None] | None:
+        # Hypercorn's connection lock keeps frames whole and in order.
+        return self.send(text)
+
     async def close(self, code: int, reason: str) -> None:
         if not self._closed:
             self._closed = True
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why an agent is turned away before the upgrade."""
+
+    status: int
+    reason: str
+    retry_after: float | None = None
+
+
 class AgentEndpoint:
-    """``/client/register`` and ``/agent/<key>/client/register`` for WebSocket scopes."""
+    """``/client/register`` and ``/agent/<key>/client/register``.
+
+    Served two ways: :meth:`claim` takes an agent's connection from the server
+    loop and runs it on the wire path (:mod:`relayd.agents.wire`, the usual
+    case); calling the endpoint as an ASGI app serves an upgrade that reached
+    Hypercorn instead (one sent after another request on a keep-alive
+    connection, or one the wire path's strict parser declined).
+    """
 
     def __init__(
         self, host: SessionHost, keys: Callable[[], AgentKeys], throttle: FailureThrottle
@@ -96,26 +127,21 @@ class AgentEndpoint:
         self._keys = keys
         self._throttle = throttle
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        """The coroutine that serves this connection.
-
-        Deliberately not ``async``: the credentials are in the scope, so the
-        check needs no await, and returning the session's own coroutine keeps
-        one frame fewer on the stack of every connected agent (memory per idle
-        agent is a measured target).
-        """
-        client = scope.get("client")
+    def check(
+        self,
+        path: str,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int] | None,
+    ) -> str | Refusal:
+        """The connecting agent's credential, or why it is refused (logged here)."""
         address = client[0] if client else "unix"
-        remote = f"{client[0]}:{client[1]}" if client else "unix"
         wait = self._throttle.retry_after(address, trio.current_time())
         if wait is not None:
-            log.warning("agent refused: too many failed attempts remote=%s", remote)
-            return _refuse(scope, receive, send, 429, "too many failed attempts", wait)
+            log.warning("agent refused: too many failed attempts remote=%s", _remote(client))
+            return Refusal(429, "too many failed attempts", wait)
         credential = self._keys().authenticate(
-            path=scope["path"],
-            query=scope.get("query_string", b""),
-            headers=scope.get("headers", []),
-            client_host=client[0] if client else None,
+            path=path, query=query, headers=headers, client_host=client[0] if client else None
         )
         if isinstance(credential, AgentRefusal):
             self._throttle.failed(address, trio.current_time())
@@ -123,41 +149,81 @@ class AgentEndpoint:
                 "agent refused: status=%d reason=%s remote=%s",
                 credential.status,
                 credential.reason,
-                remote,
+                _remote(client),
             )
-            return _refuse(scope, receive, send, credential.status, credential.reason)
+            return Refusal(credential.status, credential.reason)
+        return credential
+
+    # -- the wire path (hypercorn_fixes.Takeover) ------------------------------------
+
+    def wants(self, first_bytes: bytes) -> bool:
+        return may_be_agent_upgrade(first_bytes)
+
+    def claim(
+        self,
+        head: bytes,
+        stream: trio.SocketStream,
+        client: tuple[str, int] | None,
+        writes: WriteLimits,
+    ) -> Awaitable[None] | None:
+        """Serve an agent's connection directly, if ``head`` is a clean agent upgrade.
+
+        Returns the session's own coroutine (one frame fewer on every agent).
+        """
+        upgrade = parse_agent_upgrade(head)
+        if upgrade is None:
+            return None
+        verdict = self.check(upgrade.path, upgrade.query, upgrade.headers, client)
+        if isinstance(verdict, Refusal):
+            return _send_refusal(stream, writes, verdict)
+        settings = self._host.agents_config()
+        transport = WireTransport(stream, accept_response(upgrade), writes, settings.max_message)
+        session = AgentSession(transport, self._host, credential=verdict, remote=_remote(client))
+        return session.run()
+
+    # -- the ASGI path -------------------------------------------------------------------
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The coroutine that serves this connection.
+
+        Deliberately not ``async``: the credentials are in the scope, so the
+        check needs no await, and returning the session's own coroutine keeps
+        one frame fewer on the stack of every connected agent.
+        """
+        client = scope.get("client")
+        verdict = self.check(
+            scope["path"], scope.get("query_string", b""), scope.get("headers", []), client
+        )
+        if isinstance(verdict, Refusal):
+            return _refuse(scope, receive, send, verdict)
         session = AgentSession(
-            AsgiTransport(receive, send), self._host, credential=credential, remote=remote
+            AsgiTransport(receive, send), self._host, credential=verdict, remote=_remote(client)
         )
         return session.run()
 
 
-async def _refuse(
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    status: int,
-    message: str,
-    retry_after: float | None = None,
-) -> None:
+def _remote(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "unix"
+
+
+async def _send_refusal(stream: trio.SocketStream, writes: WriteLimits, refusal: Refusal) -> None:
+    await writes.send_all(
+        stream, refusal_response(refusal.status, refusal.reason, refusal.retry_after)
+    )
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, refusal: Refusal) -> None:
     if (await receive())["type"] == "websocket.connect":
-        await deny_websocket(scope, send, status, message, retry_after)
+        await deny_websocket(scope, send, refusal.status, refusal.reason, refusal.retry_after)
 
 
 async def deny_websocket(
     scope: Scope, send: Send, status: int, message: str, retry_after: float | None = None
 ) -> None:
     """Refuse a WebSocket upgrade with an HTTP status and ``{"error": message}``."""
-    body = json.dumps({"error": message}).encode()
     if "websocket.http.response" in scope.get("extensions", {}):
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if status == 401:
-            headers.append((b"www-authenticate", b'Bearer realm="relayd agents"'))
-        if retry_after is not None:
-            headers.append((b"retry-after", retry_after_header(retry_after).encode()))
+        body = refusal_body(message)
+        headers = refusal_headers(status, body, retry_after)
         await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
         await send({"type": "websocket.http.response.body", "body": body})
     else:

@@ -1,0 +1,256 @@
+"""An agent's WebSocket straight over its socket: wsproto frames, no ASGI.
+
+Served through Hypercorn, every agent costs a second task (Hypercorn's reader
+beside the app), a message queue, and on every frame Hypercorn's stream and
+ASGI message layers plus a hop between the two tasks. relayd holds thousands
+of mostly idle agents and pings each of them every heartbeat interval, so this
+is where the relay's memory and idle CPU go. Here the session's own task reads
+the socket and parses frames with wsproto, and writers write to the socket
+directly (one at a time).
+
+Measured with ``relayd bench`` (see the commit that introduced this module).
+
+What Hypercorn did for agent sockets and this transport does too: answer
+WebSocket pings, complete the closing handshake, refuse a message over
+``agents.max_message`` with 1009, fail the connection on a framing or UTF-8
+error (1002/1007), and bound every write (:class:`~relayd.hypercorn_fixes.WriteLimits`).
+It declines compression (permessage-deflate is optional for both sides; the
+protocol's frames are small). Frames are read only when the session asks for
+the next one, so an agent that floods is held back by TCP flow control rather
+than by a queue.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable
+from typing import Any
+
+import trio
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, TextMessage
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError
+
+from relayd.hypercorn_fixes import WriteLimits
+from relayd.sync import LeanLock
+
+__all__ = ["WireTransport"]
+
+RECEIVE_SIZE = 2**16
+# After our close frame, how long to wait for the agent's before dropping the socket.
+CLOSE_WAIT = 2.0
+
+
+class WireTransport:
+    """The session's :class:`~relayd.agents.session.Transport` over a trio stream.
+
+    On a socket (always, in the daemon) frames are read and written with
+    plain non-blocking system calls on its descriptor: a frame the socket
+    takes at once is written without a trip through the scheduler, and a
+    read that waited needs no second one. Only what the socket cannot take
+    now goes through the stream's own, bounded ``send_all``. Any other stream
+    (tests) uses the stream's methods throughout.
+    """
+
+    __slots__ = (
+        "_accept",
+        "_backlog",
+        "_closed",
+        "_gone",
+        "_lock",
+        "_max_message",
+        "_parts",
+        "_size",
+        "_socket",
+        "_stream",
+        "_writes",
+        "_ws",
+        "close_code",
+    )
+
+    def __init__(
+        self, stream: trio.abc.Stream, accept: bytes, writes: WriteLimits, max_message: int
+    ) -> None:
+        self._stream = stream
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._accept = accept  # the 101 response, sent by accept()
+        self._writes = writes
+        self._max_message = max_message
+        self._ws = Connection(ConnectionType.SERVER)
+        self._lock = LeanLock()  # held while the stream's send_all writes the backlog
+        self._backlog = b""  # bytes that must go out before any later frame
+        self._closed = False  # no more frames either way
+        self._gone = False  # the socket is unusable: reset, or a write cut short
+        self._parts: list[str | bytes] = []  # a fragmented message so far
+        self._size = 0
+        self.close_code: int | None = None  # the agent's, if it sent a close frame
+
+    async def accept(self) -> bool:
+        if await self._write(self._accept):
+            return True
+        self._closed = True
+        return False
+
+    async def receive(self) -> str | bytes | None:
+        while not self._closed:
+            for event in self._ws.events():
+                if isinstance(event, Message):
+                    message = await self._collect(event)
+                    if message is not None:
+                        return message
+                elif isinstance(event, Ping):
+                    await self._send_event(event.response())
+                elif isinstance(event, CloseConnection):
+                    await self._closed_by_agent(event)
+                    return None
+                if self._closed:
+                    return None
+            data = await self._read()
+            if not data:
+                self._closed = True
+                return None
+            self._ws.receive_data(data)
+        return None
+
+    async def send(self, text: str) -> None:
+        rest = self.send_nowait(text)
+        if rest is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await rest
+
+    def send_nowait(self, text: str) -> Awaitable[None] | None:
+        if self._closed or self._gone:
+            return None
+        return self._put(self._ws.send(TextMessage(data=text)))
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not await self._send_event(CloseConnection(code=code, reason=reason)):
+            return
+        # Wait (briefly) for the agent's close frame, so that it reads ours before
+        # the socket goes: closing with unread data would reset the connection.
+        with trio.move_on_after(CLOSE_WAIT):
+            while self._ws.state is not ConnectionState.CLOSED:
+                data = await self._read()
+                if not data:
+                    break
+                self._ws.receive_data(data)
+                for _ in self._ws.events():
+                    pass
+
+    # -- frames ------------------------------------------------------------------------
+
+    async def _collect(self, event: Message[Any]) -> str | bytes | None:
+        """Add a frame to the message being assembled; the message once it is whole."""
+        self._size += len(event.data)
+        if self._size > self._max_message:
+            await self._fail(CloseReason.MESSAGE_TOO_BIG, "message too big")
+            return None
+        if event.message_finished and not self._parts:
+            self._size = 0
+            data = event.data
+            return data if isinstance(event, TextMessage) else bytes(data)
+        self._parts.append(event.data if isinstance(event, TextMessage) else bytes(event.data))
+        if not event.message_finished:
+            return None
+        parts, self._parts, self._size = self._parts, [], 0
+        if isinstance(event, BytesMessage):
+            return b"".join(part for part in parts if isinstance(part, bytes))
+        return "".join(part for part in parts if isinstance(part, str))
+
+    async def _closed_by_agent(self, event: CloseConnection) -> None:
+        if self._ws.state is ConnectionState.REMOTE_CLOSING:
+            self.close_code = event.code
+            await self._send_event(event.response())
+        else:  # wsproto failed the connection: a framing or encoding error
+            await self._fail(event.code, event.reason or "protocol error")
+        self._closed = True
+
+    async def _fail(self, code: int, reason: str) -> None:
+        self._closed = True
+        await self._send_event(CloseConnection(code=code, reason=reason[:120]))
+
+    async def _send_event(self, event: Event) -> bool:
+        """Send a control frame (or a message); False if the connection is gone."""
+        try:
+            data = self._ws.send(event)
+        except LocalProtocolError:  # the connection is already closing
+            await trio.lowlevel.checkpoint()
+            return False
+        return await self._write(data)
+
+    # -- bytes -------------------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> bool:
+        rest = self._put(data)
+        if rest is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await rest
+        return not self._gone
+
+    def _put(self, data: bytes) -> Awaitable[None] | None:
+        """Write ``data`` now if the socket takes all of it; else what finishes it."""
+        if not self._backlog and not self._lock.locked:
+            written = self._write_now(data)
+            if written is None or written == len(data):
+                return None
+            data = data[written:]
+        self._backlog += data
+        return self._flush()
+
+    def _write_now(self, data: bytes) -> int | None:
+        """Bytes the socket took without blocking; None if the peer has gone."""
+        if self._socket is None:
+            return 0
+        descriptor = self._socket.fileno()
+        if descriptor < 0:  # closed under us (a write cut short)
+            self._gone = True
+            return None
+        try:
+            return os.write(descriptor, data)
+        except BlockingIOError:
+            return 0
+        except OSError:  # reset, broken pipe: the reader will see the end
+            self._gone = True
+            return None
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            if not self._backlog:
+                return
+            data, self._backlog = self._backlog, b""
+            if not await self._writes.send_all(self._stream, data):
+                self._gone = True
+
+    async def _read(self) -> bytes:
+        """The next bytes from the agent; b"" once it has gone."""
+        if self._socket is None:
+            try:
+                return bytes(await self._stream.receive_some(RECEIVE_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
+        waited = False
+        while True:
+            descriptor = self._socket.fileno()
+            if descriptor < 0:  # closed under us (a write cut short)
+                return b""
+            try:
+                data = os.read(descriptor, RECEIVE_SIZE)
+            except BlockingIOError:
+                data = None  # wait outside the handler: it would keep the exception alive
+            except OSError:
+                return b""
+            if data is not None:
+                if not waited:
+                    await trio.lowlevel.checkpoint()  # data was there: still let others run
+                return data
+            try:
+                await trio.lowlevel.wait_readable(self._socket)
+            except trio.ClosedResourceError:
+                return b""
+            waited = True
