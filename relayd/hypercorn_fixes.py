@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol, cast
@@ -50,7 +51,7 @@ from typing import Any, Protocol, cast
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -65,7 +66,15 @@ from hypercorn.utils import (
 
 from relayd.sync import LeanLock
 
-__all__ = ["MAX_HEAD", "WRITE_TIMEOUT", "GuardedTCPServer", "Takeover", "WriteLimits", "serve"]
+__all__ = [
+    "MAX_HEAD",
+    "WRITE_TIMEOUT",
+    "GuardedTCPServer",
+    "Takeover",
+    "WriteLimits",
+    "serve",
+    "write_now",
+]
 
 log = logging.getLogger("relayd.server")
 
@@ -74,6 +83,29 @@ WRITE_TIMEOUT = 30.0
 # Longest request head read for a Takeover to decide on (h11's and Hypercorn's
 # limit on an incomplete request).
 MAX_HEAD = 16 * 1024
+
+
+def write_now(stream: trio.abc.Stream, data: bytes) -> int | None:
+    """Write what a socket stream takes without waiting: the byte count (0 for
+    other streams), or None if the socket is closed or the peer has gone.
+
+    Hypercorn and trio write with a shielded, deadlined ``send_all`` that also
+    passes through the scheduler; most frames and responses fit in the socket
+    buffer at once, and this writes them for the cost of the system call. The
+    caller holds the stream's write lock and sends any remainder with
+    :meth:`WriteLimits.send_all`.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return 0
+    descriptor = stream.socket.fileno()
+    if descriptor < 0:  # closed (a write was cut short)
+        return None
+    try:
+        return os.write(descriptor, data)
+    except BlockingIOError:
+        return 0
+    except OSError:  # reset, broken pipe
+        return None
 
 
 class WriteLimits:
@@ -229,10 +261,17 @@ class GuardedTCPServer(TCPServer):
                 await super().protocol_send(event)
             return
         if isinstance(event, RawData):
-            async with self.send_lock:
-                if not await self._writes.send_all(self.stream, event.data):
-                    with trio.CancelScope(shield=True):
-                        await self.protocol.handle(Closed())
+            data = event.data
+            if not data:
+                return  # h11's end of a Content-Length body: nothing to write
+            async with self.send_lock:  # never waits when no one else writes
+                written = write_now(self.stream, data)
+                if written == len(data):
+                    return
+                if written is not None and await self._writes.send_all(self.stream, data[written:]):
+                    return
+            with trio.CancelScope(shield=True):
+                await self.protocol.handle(Closed())
             return
         await super().protocol_send(event)
 
@@ -259,18 +298,31 @@ class GuardedTCPServer(TCPServer):
                 if scope.cancelled_caught:
                     break  # idle for keep_alive_timeout
             await self.protocol.handle(RawData(data))
-            if data == b"":
+            if data == b"" or self._websocket_refused():
                 break
-        websocket = isinstance(getattr(self.protocol.protocol, "stream", None), WSStream)
+        stream = getattr(self.protocol.protocol, "stream", None)
+        ended_by_peer = isinstance(stream, WSStream) and not self._websocket_refused()
         await self.protocol.handle(Closed())
-        if not websocket:
-            # The client is gone: abandon what the app still does for it, now,
-            # so that its socket and task are freed (Hypercorn would wait for
-            # the app, e.g. for an agent's answer nobody will read). An agent
-            # session ends by itself on the disconnect message.
+        if not ended_by_peer:
+            # The client is gone, or its WebSocket was refused: abandon what the
+            # app still does for it, now, so that its socket and task are freed
+            # (Hypercorn would wait for the app, e.g. for an agent's answer
+            # nobody will read, or for messages of a WebSocket it refused). An
+            # agent session ends by itself on the disconnect message.
             nursery = self._task_group._nursery
             if nursery is not None:
                 nursery.cancel_scope.cancel()
+
+    def _websocket_refused(self) -> bool:
+        """Whether Hypercorn answered a WebSocket upgrade with an error (e.g. a 400
+        for bytes sent before the 101): the connection is over, but its app
+        would wait for messages that never come."""
+        stream = getattr(self.protocol.protocol, "stream", None)
+        return (
+            isinstance(stream, WSStream)
+            and stream.closed
+            and stream.state is ASGIWebsocketState.HANDSHAKE
+        )
 
     async def _idle_timeout(self) -> None:
         """Hypercorn starts this as its idle timer; the read deadline does the job."""

@@ -361,28 +361,77 @@ def request_content(request: dict[str, Any]) -> str:
 
 # -- trap 1: a bad upgrade request used to kill the process -----------------------------
 
-BAD_UPGRADE = (
-    b"GET /client/register HTTP/1.1\r\n"
+UPGRADE_HEADERS = (
     b"Host: 127.0.0.1\r\n"
     b"Upgrade: websocket\r\n"
     b"Connection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     b"Sec-WebSocket-Version: 13\r\n"
-    b"\r\nx\n"
 )
+BAD_UPGRADE = b"GET /client/register HTTP/1.1\r\n" + UPGRADE_HEADERS + b"\r\nx\n"
+HEALTH_REQUEST = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        BAD_UPGRADE,  # relayd's own agent wire path
+        b"GET /elsewhere HTTP/1.1\r\n" + UPGRADE_HEADERS + b"\r\nx\n",  # Hypercorn's path
+        HEALTH_REQUEST + BAD_UPGRADE,  # an upgrade after another request: Hypercorn's path
+    ],
+    ids=["agent-path", "other-path", "after-a-request"],
+)
 async def test_upgrade_with_bytes_after_the_headers_gets_400_and_the_daemon_lives(
-    relayd: Relayd,
+    relayd: Relayd, request_bytes: bytes
 ) -> None:
+    """RFC 6455: a client waits for the 101 before sending frames. The 400 is
+    followed by the connection closing at once (Hypercorn's own path used to
+    leave it open, waiting for an app that waited for messages)."""
     for _ in range(20):
         stream = await trio.open_tcp_stream(HOST, relayd.port)
-        await stream.send_all(BAD_UPGRADE)
-        received, _ = await read_until_closed(stream, 5)
-        assert status_of(received) == 400, received
+        await stream.send_all(request_bytes)
+        received, _ = await read_until_closed(stream, 2)
+        last_response = received[received.rfind(b"HTTP/1.1 ") :]
+        assert status_of(last_response) == 400, received
         await stream.aclose()
         assert relayd.process.poll() is None, relayd.log
     await assert_still_serving(relayd)
+
+
+async def test_an_agent_upgrading_after_another_request_is_served(relayd: Relayd) -> None:
+    """An upgrade that is not a connection's first request is not taken by
+    relayd's wire path; Hypercorn and the ASGI agent endpoint serve it, fully."""
+    stream = await trio.open_tcp_stream(HOST, relayd.port)
+    await stream.send_all(HEALTH_REQUEST)
+    received = b""
+    with trio.fail_after(5):
+        while not received.endswith(b"\r\n\r\nOK"):
+            received += await stream.receive_some(65536)
+    assert status_of(received) == 200
+    agent = RawAgent(stream)
+    await stream.send_all(agent.ws.send(Request(host=f"{HOST}:{relayd.port}", target=AGENT_PATH)))
+    with trio.fail_after(5):
+        while True:
+            data = await stream.receive_some(65536)
+            agent.ws.receive_data(data)
+            if any(isinstance(event, AcceptConnection) for event in agent.ws.events()):
+                break
+    greeting = await agent.receive_json()
+    await agent.send_text(frame(greeting["id"], "Connection id"))
+    async with http_client(relayd) as client, trio.open_nursery() as nursery:
+        await wait_for_agents(client, relayd, lambda ids: greeting["id"] in ids)
+        answered: list[httpx.Response] = []
+
+        async def asker() -> None:
+            answered.append(await ask(client, relayd, "via hypercorn"))
+
+        nursery.start_soon(asker)
+        question = await agent.receive_json()
+        assert request_content(question) == "via hypercorn"
+        await agent.send_text(reply_frame(question, "answered"))
+    assert answered[0].status_code == 200, answered[0].text
+    assert answered[0].json()["content"] == "answered"
+    await agent.aclose()
 
 
 async def test_bad_upgrades_do_not_flood_the_log_with_errors(relayd: Relayd) -> None:

@@ -5,9 +5,11 @@ rather than through Hypercorn's ASGI WebSocket stack, which costs a second task,
 a message queue and several layers per frame on every agent. That path starts
 here: :func:`parse_agent_upgrade` reads a connection's first request head and
 says whether it is a plain, well-formed upgrade to an agent path. Anything else
-(another path, a body, bytes after the head, an unusual header) is left to
-Hypercorn, which answers it exactly as it always has; this module only has to
-be right about what it accepts, never about what it declines.
+(another path, a body, an unusual header) is left to Hypercorn, which answers
+it exactly as it always has; this module only has to be right about what it
+accepts, never about what it declines. Bytes sent after the head, before the
+``101`` (which RFC 6455 forbids), come back as ``early_data`` for the caller
+to refuse.
 
 The responses are built here too: the ``101 Switching Protocols`` that accepts
 an agent, and the JSON error that refuses one before the upgrade.
@@ -49,6 +51,9 @@ class AgentUpgrade:
     query: bytes
     headers: list[tuple[bytes, bytes]]  # names lower-cased
     key: bytes  # Sec-WebSocket-Key
+    # Bytes the client sent after the head without waiting for the 101: RFC 6455
+    # forbids it, and the connection is refused with a 400.
+    early_data: bytes = b""
 
 
 def may_be_agent_upgrade(first_bytes: bytes) -> bool:
@@ -59,9 +64,10 @@ def may_be_agent_upgrade(first_bytes: bytes) -> bool:
 def parse_agent_upgrade(head: bytes) -> AgentUpgrade | None:
     """The upgrade in ``head`` (a connection's first bytes), or None to leave it alone.
 
-    None unless ``head`` is exactly one complete ``GET`` request over HTTP/1.1
-    with no body and nothing after it, carrying a version 13 WebSocket
-    upgrade, to ``/client/register`` or ``/agent/<key>/client/register``.
+    None unless ``head`` is one complete ``GET`` request over HTTP/1.1 with no
+    body, carrying a version 13 WebSocket upgrade, to ``/client/register`` or
+    ``/agent/<key>/client/register``. Bytes after the head are returned as
+    ``early_data``.
     """
     if len(head) > MAX_HEAD:
         return None
@@ -76,7 +82,7 @@ def parse_agent_upgrade(head: bytes) -> AgentUpgrade | None:
             return None
     except h11.RemoteProtocolError:
         return None
-    if connection.trailing_data[0] or request.method != b"GET" or request.http_version != b"1.1":
+    if request.method != b"GET" or request.http_version != b"1.1":
         return None
     raw_path, _, query = request.target.partition(b"?")
     path = unquote(raw_path.decode("ascii"))  # h11 admits only visible ASCII in a target
@@ -100,7 +106,8 @@ def parse_agent_upgrade(head: bytes) -> AgentUpgrade | None:
             return None  # an upgrade request has no body, not even an empty one
     if not (connection_upgrade and websocket and version_ok and key):
         return None
-    return AgentUpgrade(path=path, query=query, headers=headers, key=key)
+    early_data = bytes(connection.trailing_data[0])
+    return AgentUpgrade(path=path, query=query, headers=headers, key=key, early_data=early_data)
 
 
 def accept_response(upgrade: AgentUpgrade) -> bytes:

@@ -173,6 +173,11 @@ class AgentEndpoint:
         upgrade = parse_agent_upgrade(head)
         if upgrade is None:
             return None
+        if upgrade.early_data:
+            log.info("agent upgrade refused: data before the 101 remote=%s", _remote(client))
+            return _send_refusal(
+                stream, writes, Refusal(400, "data sent before the upgrade was accepted")
+            )
         verdict = self.check(upgrade.path, upgrade.query, upgrade.headers, client)
         if isinstance(verdict, Refusal):
             return _send_refusal(stream, writes, verdict)

@@ -32,7 +32,7 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, 
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
-from relayd.hypercorn_fixes import WriteLimits
+from relayd.hypercorn_fixes import WriteLimits, write_now
 from relayd.sync import LeanLock
 
 __all__ = ["WireTransport"]
@@ -204,20 +204,10 @@ class WireTransport:
         return self._flush()
 
     def _write_now(self, data: bytes) -> int | None:
-        """Bytes the socket took without blocking; None if the peer has gone."""
-        if self._socket is None:
-            return 0
-        descriptor = self._socket.fileno()
-        if descriptor < 0:  # closed under us (a write cut short)
+        written = write_now(self._stream, data)
+        if written is None:  # the reader will see the end
             self._gone = True
-            return None
-        try:
-            return os.write(descriptor, data)
-        except BlockingIOError:
-            return 0
-        except OSError:  # reset, broken pipe: the reader will see the end
-            self._gone = True
-            return None
+        return written
 
     async def _flush(self) -> None:
         async with self._lock:
