@@ -70,12 +70,17 @@ async def serve_agent(
     *,
     reclaim_id: str | None = None,
     stats: AgentStats | None = None,
+    inline: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Speak the agent protocol on an open WebSocket until it closes.
 
     ``task_status.started(connection_id)`` once the handshake is answered.
-    Returns when the relay closes the socket.
+    Returns when the relay closes the socket. Each request's handler runs in a
+    task of its own, so that requests are answered concurrently; with
+    ``inline`` it runs in the task that reads them, one at a time, which saves
+    a task per request for handlers that never wait (the bench's instant
+    agents).
     """
     stats = stats if stats is not None else AgentStats()
     connection = AgentConnection()
@@ -117,7 +122,10 @@ async def serve_agent(
                 elif isinstance(event, Request):
                     stats.requests += 1
                     stats.contents.append(event.content)
-                    nursery.start_soon(work, event)
+                    if inline:
+                        await work(event)
+                    else:
+                        nursery.start_soon(work, event)
         except ConnectionClosed as closed:
             if closed.reason is not None:
                 stats.close_code = closed.reason.code
@@ -134,10 +142,21 @@ async def run_agent(
     reclaim_id: str | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
     stats: AgentStats | None = None,
+    inline: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> AgentStats:
-    """Connect to ``url`` (``ws://host:port/client/register``) and serve until closed."""
+    """Connect to ``url`` (``ws://host:port/client/register``) and serve until closed.
+
+    ``inline``: see :func:`serve_agent`.
+    """
     stats = stats if stats is not None else AgentStats()
     async with open_websocket_url(url, extra_headers=headers or [], message_queue_size=16) as ws:
-        await serve_agent(ws, handler, reclaim_id=reclaim_id, stats=stats, task_status=task_status)
+        await serve_agent(
+            ws,
+            handler,
+            reclaim_id=reclaim_id,
+            stats=stats,
+            inline=inline,
+            task_status=task_status,
+        )
     return stats

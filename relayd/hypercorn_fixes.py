@@ -72,6 +72,7 @@ __all__ = [
     "GuardedTCPServer",
     "Takeover",
     "WriteLimits",
+    "read_some",
     "serve",
     "write_now",
 ]
@@ -106,6 +107,40 @@ def write_now(stream: trio.abc.Stream, data: bytes) -> int | None:
         return 0
     except OSError:  # reset, broken pipe
         return None
+
+
+async def read_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
+    """The next bytes from ``stream``; b"" at its end, or once it is closed or reset.
+
+    On a socket stream: a non-blocking read on its descriptor, waiting for it
+    to be readable when it is not. Trio's ``receive_some`` passes through the
+    scheduler once more after a read that had to wait, on every request's path.
+    """
+    if not isinstance(stream, trio.SocketStream):
+        try:
+            return bytes(await stream.receive_some(max_bytes))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+    waited = False
+    while True:
+        descriptor = stream.socket.fileno()
+        if descriptor < 0:  # closed under us (a write cut short)
+            return b""
+        try:
+            data = os.read(descriptor, max_bytes)
+        except BlockingIOError:
+            data = None  # wait outside the handler: it would keep the exception alive
+        except OSError:  # reset
+            return b""
+        if data is not None:
+            if not waited:
+                await trio.lowlevel.checkpoint()  # data was there: still let others run
+            return data
+        try:
+            await trio.lowlevel.wait_readable(stream.socket)
+        except trio.ClosedResourceError:
+            return b""
+        waited = True
 
 
 class WriteLimits:
@@ -234,16 +269,13 @@ class GuardedTCPServer(TCPServer):
         """
         data = b""
         with trio.CancelScope(deadline=self._read_deadline()):
-            try:
-                data = bytes(await self.stream.receive_some(MAX_RECV))
-                if takeover.wants(data):
-                    while b"\r\n\r\n" not in data and len(data) < MAX_HEAD:
-                        more = await self.stream.receive_some(MAX_RECV)
-                        if not more:
-                            break
-                        data += more
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
+            data = await read_some(self.stream, MAX_RECV)
+            if takeover.wants(data):
+                while b"\r\n\r\n" not in data and len(data) < MAX_HEAD:
+                    more = await read_some(self.stream, MAX_RECV)
+                    if not more:
+                        break
+                    data += more
         return data
 
     async def protocol_send(self, event: Event) -> None:
@@ -290,9 +322,7 @@ class GuardedTCPServer(TCPServer):
                 with trio.CancelScope(deadline=self._read_deadline()) as scope:
                     self._read_scope = scope
                     try:
-                        data = bytes(await self.stream.receive_some(MAX_RECV))
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        break
+                        data = await read_some(self.stream, MAX_RECV)
                     finally:
                         self._read_scope = None
                 if scope.cancelled_caught:

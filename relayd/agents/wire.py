@@ -22,7 +22,6 @@ than by a queue.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable
 from typing import Any
 
@@ -32,7 +31,7 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, 
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
-from relayd.hypercorn_fixes import WriteLimits, write_now
+from relayd.hypercorn_fixes import WriteLimits, read_some, write_now
 from relayd.sync import LeanLock
 
 __all__ = ["WireTransport"]
@@ -62,7 +61,6 @@ class WireTransport:
         "_max_message",
         "_parts",
         "_size",
-        "_socket",
         "_stream",
         "_writes",
         "_ws",
@@ -73,7 +71,6 @@ class WireTransport:
         self, stream: trio.abc.Stream, accept: bytes, writes: WriteLimits, max_message: int
     ) -> None:
         self._stream = stream
-        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._accept = accept  # the 101 response, sent by accept()
         self._writes = writes
         self._max_message = max_message
@@ -114,9 +111,16 @@ class WireTransport:
         return None
 
     async def send(self, text: str) -> None:
+        if self._closed or self._gone:
+            # A caller that only sends must still yield to the scheduler.
+            await trio.lowlevel.checkpoint()
+            return
         rest = self.send_nowait(text)
         if rest is None:
-            await trio.lowlevel.checkpoint()
+            # Written at once. Not a full checkpoint: a request's sender parks for
+            # the reply right after, and a trip through the scheduler here would be
+            # on every request's path.
+            await trio.lowlevel.checkpoint_if_cancelled()
         else:
             await rest
 
@@ -219,28 +223,4 @@ class WireTransport:
 
     async def _read(self) -> bytes:
         """The next bytes from the agent; b"" once it has gone."""
-        if self._socket is None:
-            try:
-                return bytes(await self._stream.receive_some(RECEIVE_SIZE))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return b""
-        waited = False
-        while True:
-            descriptor = self._socket.fileno()
-            if descriptor < 0:  # closed under us (a write cut short)
-                return b""
-            try:
-                data = os.read(descriptor, RECEIVE_SIZE)
-            except BlockingIOError:
-                data = None  # wait outside the handler: it would keep the exception alive
-            except OSError:
-                return b""
-            if data is not None:
-                if not waited:
-                    await trio.lowlevel.checkpoint()  # data was there: still let others run
-                return data
-            try:
-                await trio.lowlevel.wait_readable(self._socket)
-            except trio.ClosedResourceError:
-                return b""
-            waited = True
+        return await read_some(self._stream, RECEIVE_SIZE)

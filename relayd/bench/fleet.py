@@ -115,6 +115,8 @@ class Fleet:
     url: str
     handler: Handler
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Answer in the task that reads the request (instant agents: no task per request).
+    inline: bool = False
     stats: list[AgentStats] = field(default_factory=list)
     failed: int = 0  # agents that could not connect
     failures: list[str] = field(default_factory=list)  # the first few reasons
@@ -169,7 +171,12 @@ class Fleet:
     ) -> None:
         try:
             await run_agent(
-                self.url, self.handler, headers=self.headers, stats=stats, task_status=task_status
+                self.url,
+                self.handler,
+                headers=self.headers,
+                stats=stats,
+                inline=self.inline,
+                task_status=task_status,
             )
         except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError):
             if stats.connection_id is None:

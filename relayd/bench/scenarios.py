@@ -201,7 +201,11 @@ class Bench:
                 sinks.headers = self.agent_headers()
                 await self.connect(agents, sinks, result.idle_agents, result, "busy agents")
                 await self.occupy(target, sinks, result)
-            fleet = Fleet(target.agent_url, bench_handler(self.tracker, delay=result.delay_s))
+            fleet = Fleet(
+                target.agent_url,
+                bench_handler(self.tracker, delay=result.delay_s),
+                inline=inline_agents(result.delay_s, settings.capacity),
+            )
             fleet.headers = self.agent_headers()
             await self.connect(agents, fleet, result.agents, result, "agents")
             await self.loader.run(result, target, tracked=True)
@@ -230,7 +234,11 @@ class Bench:
             self.servers.relayd("pool-1000", clients=result.clients) as target,
             trio.open_nursery() as agents,
         ):
-            fleet = Fleet(target.agent_url, bench_handler(self.tracker, delay=result.delay_s))
+            fleet = Fleet(
+                target.agent_url,
+                bench_handler(self.tracker, delay=result.delay_s),
+                inline=inline_agents(result.delay_s, settings.capacity),
+            )
             fleet.headers = self.agent_headers()
             await self.connect(agents, fleet, result.agents, result, "agents")
             await self.loader.run(result, target, tracked=True, warm_up=False)
@@ -399,3 +407,13 @@ class Bench:
                 f"relayd counts {connected} agents connected at the end, {expected} expected: "
                 "it dropped some (see its log, --workdir keeps it)"
             )
+
+
+def inline_agents(delay: float, capacity: int) -> bool:
+    """Whether simulated agents may answer in the task that reads their requests.
+
+    True when that changes nothing an agent does: its answers are instant, or
+    the relay gives it one request at a time (capacity 1). It saves the bench a
+    task per request, which is load-generator overhead, not the relay's.
+    """
+    return not delay or capacity == 1
