@@ -8,6 +8,9 @@ written by hand with :func:`client_frame`; :func:`server_frames` splits the
 relay's bytes into raw frames where the exact framing matters (wsproto's parser
 stops at a close frame).
 
+The simple-frame codec (what agents send, parsed without wsproto) is checked
+against wsproto's own client and server at the end.
+
 The transport has two ways to move bytes, so most tests run over both
 (the ``kind`` fixture):
 
@@ -31,10 +34,19 @@ from typing import Protocol
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
-from relayd.agents.wire import CLOSE_WAIT, WireTransport
+from relayd.agents.wire import (
+    CLOSE_WAIT,
+    FrameError,
+    NotSimple,
+    WireTransport,
+    parse_simple_frame,
+    text_frame,
+)
 from relayd.hypercorn_fixes import WRITE_TIMEOUT, WriteLimits
 
 ACCEPT = (
@@ -714,3 +726,76 @@ async def test_close_after_the_agents_close_sends_nothing_more(
     assert await timed(transport.close(4000, "late")) == 0
     frames = server_frames(await drained(relay_stream, agent))
     assert frames == [(CLOSE, close_payload(1000))]
+
+
+# -- the simple-frame codec (relayd.agents.wire.parse_simple_frame, text_frame) ---------
+
+
+def client_text_frame(text: str) -> bytes:
+    """What a real WebSocket client sends for ``text``: one masked frame."""
+    return Connection(ConnectionType.CLIENT).send(TextMessage(data=text))
+
+
+@given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=70_000))
+@settings(max_examples=60, deadline=None)
+def test_a_simple_frame_parses_to_what_the_client_sent(text: str) -> None:
+    frame = client_text_frame(text)
+    buffer = bytearray(frame + b"\x81")  # and the start of the next frame
+    assert parse_simple_frame(buffer, 1 << 20) == (text, len(frame))
+    for cut in (0, 1, len(frame) // 2, len(frame) - 1):
+        assert parse_simple_frame(bytearray(frame[:cut]), 1 << 20) is None
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_bytes_never_break_the_simple_frame_parser(data: bytes) -> None:
+    try:
+        parsed = parse_simple_frame(bytearray(data), 1 << 20)
+    except (NotSimple, FrameError):
+        return
+    if parsed is not None:
+        text, used = parsed
+        ws = Connection(ConnectionType.SERVER)
+        ws.receive_data(data[:used])
+        events = list(ws.events())
+        assert [type(event) for event in events] == [TextMessage]
+        assert events[0].data == text
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        bytes((0x82, 0x80)) + b"mask",  # binary
+        bytes((0x01, 0x80)) + b"mask",  # a first fragment
+        bytes((0x89, 0x80)) + b"mask",  # ping
+        bytes((0x88, 0x80)) + b"mask",  # close
+        bytes((0xC1, 0x80)) + b"mask",  # a reserved bit
+        bytes((0x81, 0x00)),  # unmasked
+        bytes((0x81, 0xFE, 0x00, 0x05)) + b"mask" + b"hello",  # length not minimal
+    ],
+    ids=["binary", "fragment", "ping", "close", "rsv", "unmasked", "long-length"],
+)
+def test_frames_that_are_not_simple_go_to_wsproto(frame: bytes) -> None:
+    with pytest.raises(NotSimple):
+        parse_simple_frame(bytearray(frame), 1 << 20)
+
+
+def test_simple_frame_limits() -> None:
+    with pytest.raises(FrameError) as too_big:
+        parse_simple_frame(bytearray(client_text_frame("x" * 11)), 10)
+    assert too_big.value.code == 1009
+    assert parse_simple_frame(bytearray(client_text_frame("é" * 10)), 10) is not None
+    bad = bytearray((0x81, 0x82)) + b"\x00\x00\x00\x00" + b"\xff\xfe"  # mask of zeros
+    with pytest.raises(FrameError) as not_utf8:
+        parse_simple_frame(bad, 10)
+    assert not_utf8.value.code == 1007
+
+
+@given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=70_000))
+@settings(max_examples=60, deadline=None)
+def test_text_frame_is_what_a_client_reads(text: str) -> None:
+    client = Connection(ConnectionType.CLIENT)
+    client.receive_data(text_frame(text))
+    events = list(client.events())
+    assert [type(event) for event in events] == [TextMessage]
+    assert events[0].data == text

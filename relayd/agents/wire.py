@@ -41,6 +41,83 @@ RECEIVE_SIZE = 2**16
 CLOSE_WAIT = 2.0
 
 
+class FrameError(Exception):
+    """A frame that fails the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class NotSimple(Exception):
+    """A frame for wsproto to parse."""
+
+
+def parse_simple_frame(buffer: bytearray, max_message: int) -> tuple[str, int] | None:
+    """A simple frame at the start of ``buffer``: ``(text, bytes used)``, or None
+    if it is not complete yet.
+
+    Simple: a whole text message in one masked frame (what agents send, pongs
+    and replies alike). Parsed here in a few operations instead of wsproto's
+    general frame machinery, which was a large share of an idle agent's cost per
+    pong. Raises :class:`NotSimple` for anything else (control frames,
+    fragments, binary, reserved bits, an unmasked frame, a length not encoded
+    minimally), which wsproto then parses with every check of RFC 6455, and
+    :class:`FrameError` for a message over ``max_message`` characters (1009) or
+    text that is not UTF-8 (1007).
+    """
+    if len(buffer) < 2:
+        return None
+    if buffer[0] != 0x81 or buffer[1] < 0x80:  # FIN + text, no RSV; masked
+        raise NotSimple
+    length = buffer[1] & 0x7F
+    start = 2
+    if length == 126:
+        if len(buffer) < 4:
+            return None
+        length = int.from_bytes(buffer[2:4], "big")
+        start = 4
+        if length < 126:
+            raise NotSimple
+    elif length == 127:
+        if len(buffer) < 10:
+            return None
+        length = int.from_bytes(buffer[2:10], "big")
+        start = 10
+        if length < 65536 or length >= 1 << 63:
+            raise NotSimple
+    if length > 4 * max_message:  # more than max_message characters, whatever they are
+        raise FrameError(CloseReason.MESSAGE_TOO_BIG, "message too big")
+    end = start + 4 + length
+    if len(buffer) < end:
+        return None
+    mask = bytes(buffer[start : start + 4]) * (length // 4 + 1)
+    payload = int.from_bytes(buffer[start + 4 : end], "little") ^ int.from_bytes(
+        mask[:length], "little"
+    )
+    try:
+        text = payload.to_bytes(length, "little").decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(CloseReason.INVALID_FRAME_PAYLOAD_DATA, "invalid UTF-8") from None
+    if len(text) > max_message:
+        # Counted in characters, as for fragmented messages; the session then
+        # applies the limit in bytes (and says so in the log).
+        raise FrameError(CloseReason.MESSAGE_TOO_BIG, "message too big")
+    return text, end
+
+
+def text_frame(text: str) -> bytes:
+    """A server's (unmasked) frame carrying ``text`` as one message."""
+    payload = text.encode("utf-8")
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + length.to_bytes(8, "big") + payload
+
+
 class WireTransport:
     """The session's :class:`~relayd.agents.session.Transport` over a trio stream.
 
@@ -57,6 +134,7 @@ class WireTransport:
         "_backlog",
         "_closed",
         "_gone",
+        "_inbox",
         "_lock",
         "_max_message",
         "_parts",
@@ -75,6 +153,9 @@ class WireTransport:
         self._writes = writes
         self._max_message = max_message
         self._ws = Connection(ConnectionType.SERVER)
+        # Bytes read and not yet parsed, while every frame has been simple; None
+        # once wsproto has taken over the connection's incoming side.
+        self._inbox: bytearray | None = bytearray()
         self._lock = LeanLock()  # held while the stream's send_all writes the backlog
         self._backlog = b""  # bytes that must go out before any later frame
         self._closed = False  # no more frames either way
@@ -91,24 +172,55 @@ class WireTransport:
 
     async def receive(self) -> str | bytes | None:
         while not self._closed:
-            for event in self._ws.events():
-                if isinstance(event, Message):
-                    message = await self._collect(event)
-                    if message is not None:
-                        return message
-                elif isinstance(event, Ping):
-                    await self._send_event(event.response())
-                elif isinstance(event, CloseConnection):
-                    await self._closed_by_agent(event)
+            if self._inbox is not None:
+                try:
+                    text = self._take_simple_frame()
+                except FrameError as error:
+                    await self._fail(error.code, error.reason)
                     return None
-                if self._closed:
-                    return None
+                if text is not None:
+                    return text
+            if self._inbox is None:
+                for event in self._ws.events():
+                    if isinstance(event, Message):
+                        message = await self._collect(event)
+                        if message is not None:
+                            return message
+                    elif isinstance(event, Ping):
+                        await self._send_event(event.response())
+                    elif isinstance(event, CloseConnection):
+                        await self._closed_by_agent(event)
+                        return None
+                    if self._closed:
+                        return None
             data = await self._read()
             if not data:
                 self._closed = True
                 return None
-            self._ws.receive_data(data)
+            if self._inbox is not None:
+                self._inbox += data
+            else:
+                self._ws.receive_data(data)
         return None
+
+    def _take_simple_frame(self) -> str | None:
+        """The next message from the inbox if it is a simple frame, else None.
+
+        On a frame that is not simple (see :func:`parse_simple_frame`) the
+        inbox goes to wsproto, which handles the connection from then on.
+        """
+        assert self._inbox is not None
+        try:
+            parsed = parse_simple_frame(self._inbox, self._max_message)
+        except NotSimple:
+            self._ws.receive_data(bytes(self._inbox))
+            self._inbox = None
+            return None
+        if parsed is None:
+            return None
+        text, used = parsed
+        del self._inbox[:used]
+        return text
 
     async def send(self, text: str) -> None:
         if self._closed or self._gone:
@@ -127,7 +239,7 @@ class WireTransport:
     def send_nowait(self, text: str) -> Awaitable[None] | None:
         if self._closed or self._gone:
             return None
-        return self._put(self._ws.send(TextMessage(data=text)))
+        return self._put(text_frame(text))
 
     async def close(self, code: int, reason: str) -> None:
         if self._closed:
