@@ -153,10 +153,18 @@ class LoadPhase:
     progress: Callable[[str], None]
 
     async def run(
-        self, result: ScenarioResult, target: Target, *, tracked: bool, warm_up: bool = True
+        self,
+        result: ScenarioResult,
+        target: Target,
+        *,
+        tracked: bool,
+        warm_up: bool = True,
+        duration: float | None = None,
     ) -> None:
-        """Run ``result.clients`` clients against ``target``; fill in the load figures."""
+        """Run ``result.clients`` clients against ``target`` for ``duration`` (default:
+        ``--duration``); fill in the load figures."""
         settings = self.settings
+        duration = settings.duration if duration is None else duration
         clients = [
             HttpClient(target.host, target.port, headers=target.client_headers())
             for _ in range(result.clients)
@@ -170,13 +178,13 @@ class LoadPhase:
                 async with trio.open_nursery() as nursery:
                     for client in clients:
                         nursery.start_soon(_warm_up, client)
-            give_up = settings.duration + DRAIN_TIMEOUT + (result.delay_s or 0) * 2
+            give_up = duration + DRAIN_TIMEOUT + (result.delay_s or 0) * 2
             with GcWatch() as watch, trio.move_on_after(give_up):
                 cpu_before = CpuSnapshot.take(target.server)
                 started = trio.current_time()
-                deadline = started + settings.duration
+                deadline = started + duration
                 async with trio.open_nursery() as outer:
-                    outer.start_soon(self.show_load, result, recorder, started)
+                    outer.start_soon(self.show_load, result, recorder, started, duration)
                     async with trio.open_nursery() as nursery:
                         for client in clients:
                             nursery.start_soon(
@@ -259,9 +267,8 @@ class LoadPhase:
                 await trio.sleep(0.1)  # do not spin on a refused connection
 
     async def show_load(
-        self, result: ScenarioResult, recorder: LoadRecorder, started: float
+        self, result: ScenarioResult, recorder: LoadRecorder, started: float, duration: float
     ) -> None:
-        duration = self.settings.duration
         while True:
             elapsed = trio.current_time() - started
             per_second = rate(recorder.ok, elapsed) or 0.0

@@ -21,6 +21,7 @@ class Settings:
     """The command line, as the scenarios see it. None means the scenario's default."""
 
     duration: float = 10.0
+    duration_given: bool = False  # --duration was on the command line
     requests: int | None = None
     clients: int | None = None
     agents: int | None = None

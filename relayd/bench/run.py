@@ -25,6 +25,10 @@ from relayd.bench.scenarios import SCENARIOS, Bench, units_for
 __all__ = ["build_parser", "main"]
 
 
+# Seconds of load per scenario when --duration is not given (pool-1000 runs longer).
+DEFAULT_DURATION = 10.0
+
+
 def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     def parse(text: str) -> int | float:
         value = kind(text)
@@ -55,10 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--duration",
         type=_positive(float),
-        default=10.0,
         metavar="SECONDS",
-        help="load time per scenario (default 10); idle-10000 measures for "
-        "max(this, the heartbeat interval)",
+        help="load time per scenario (default 10; pool-1000: 15 agent delays, 30 s); "
+        "idle-10000 measures for max(this, the heartbeat interval)",
     )
     parser.add_argument(
         "--requests",
@@ -162,7 +165,8 @@ def main(argv: list[str]) -> int:
     if args.capacity > 1000:
         parser.error("--capacity is at most 1000 (relayd's agents.max_inflight)")
     settings = Settings(
-        duration=args.duration,
+        duration=DEFAULT_DURATION if args.duration is None else args.duration,
+        duration_given=args.duration is not None,
         requests=args.requests,
         clients=args.clients,
         agents=args.agents,

@@ -76,6 +76,10 @@ HOLD_CONCURRENCY = 64
 FD_MARGIN = 200
 # Time for relayd to finish admitting agents and settle before memory is read.
 SETTLE = 2.0
+# pool-1000 runs for this many agent delays unless --duration says otherwise: its
+# agents answer in waves (all clients start at once), and over the default 10 s
+# (five delays) the first and the last wave weigh a third of the result.
+POOL_DELAYS = 15
 PROGRESS_INTERVAL = 0.5
 
 
@@ -204,7 +208,7 @@ class Bench:
             fleet = Fleet(
                 target.agent_url,
                 bench_handler(self.tracker, delay=result.delay_s),
-                inline=inline_agents(result.delay_s, settings.capacity),
+                inline=inline_agents(result.delay_s),
             )
             fleet.headers = self.agent_headers()
             await self.connect(agents, fleet, result.agents, result, "agents")
@@ -237,11 +241,17 @@ class Bench:
             fleet = Fleet(
                 target.agent_url,
                 bench_handler(self.tracker, delay=result.delay_s),
-                inline=inline_agents(result.delay_s, settings.capacity),
+                inline=inline_agents(result.delay_s),
             )
             fleet.headers = self.agent_headers()
             await self.connect(agents, fleet, result.agents, result, "agents")
-            await self.loader.run(result, target, tracked=True, warm_up=False)
+            duration = settings.duration
+            if not settings.duration_given and POOL_DELAYS * result.delay_s > duration:
+                duration = POOL_DELAYS * result.delay_s
+                result.notes.append(
+                    f"load for {duration:g}s, {POOL_DELAYS} agent delays (--duration overrides)"
+                )
+            await self.loader.run(result, target, tracked=True, warm_up=False, duration=duration)
             await self.census(result, target)
             agents.cancel_scope.cancel()
         if result.delay_s > 0:
@@ -409,11 +419,12 @@ class Bench:
             )
 
 
-def inline_agents(delay: float, capacity: int) -> bool:
+def inline_agents(delay: float) -> bool:
     """Whether simulated agents may answer in the task that reads their requests.
 
-    True when that changes nothing an agent does: its answers are instant, or
-    the relay gives it one request at a time (capacity 1). It saves the bench a
-    task per request, which is load-generator overhead, not the relay's.
+    Only when that changes nothing an agent does: its answers are instant. (An
+    agent that waited in that task would not answer pings meanwhile.) It saves
+    the bench a task per request, which is load-generator overhead, not the
+    relay's.
     """
-    return not delay or capacity == 1
+    return not delay
