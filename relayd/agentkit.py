@@ -84,13 +84,14 @@ async def serve_agent(
     """
     stats = stats if stats is not None else AgentStats()
     connection = AgentConnection()
-    send_lock = trio.Lock()  # one writer at a time on the socket
 
     async def send(text: str) -> None:
-        async with send_lock:
-            # On a close, the reader sees it and ends the session.
-            with contextlib.suppress(ConnectionClosed):
-                await ws.send_message(text)
+        # trio-websocket writes whole frames one at a time, in order (its own
+        # FIFO lock), so concurrent replies need no lock of ours: a second lock
+        # would cost a pass through the scheduler on every reply.
+        # On a close, the reader sees it and ends the session.
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send_message(text)
 
     async def work(request: Request) -> None:
         stats.inflight += 1
