@@ -35,7 +35,16 @@ listeners (relayd does not terminate TLS itself). What it fixes:
    is now cancelled at once (what Quart-Trio does on ``http.disconnect``),
    without a watcher task per request.
 
-It also gives each connection a lean mutex instead of Hypercorn's
+5. **A refused WebSocket upgrade left its connection open.** After Hypercorn
+   answers an upgrade with an error (a 400 for bytes sent before the 101),
+   the app still waits for WebSocket messages; the connection is now ended
+   and its app cancelled.
+
+Beyond fixes: a :class:`Takeover` may serve a connection itself, chosen by
+its first request head (relayd's agent WebSockets, :mod:`relayd.agents.wire`);
+socket writes take what the socket accepts at once with one system call
+(:func:`write_now`) and reads skip trio's extra pass through the scheduler
+(:func:`read_some`); each connection has a lean mutex instead of Hypercorn's
 ``trio.Lock`` (memory per idle agent is a measured target).
 """
 
