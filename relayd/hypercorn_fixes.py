@@ -178,6 +178,14 @@ class WriteLimits:
         for scope in self.active:
             scope.deadline = min(scope.deadline, deadline)
 
+    async def write(self, stream: trio.abc.Stream, data: bytes) -> bool:
+        """Write ``data`` whole: what the socket takes at once (:func:`write_now`),
+        the rest with :meth:`send_all`. False as for :meth:`send_all`."""
+        written = write_now(stream, data)
+        if written == len(data):
+            return True
+        return written is not None and await self.send_all(stream, data[written:])
+
     async def send_all(self, stream: trio.abc.Stream, data: bytes) -> bool:
         """Write ``data`` whole, shielded, within :meth:`deadline`.
 
@@ -306,10 +314,7 @@ class GuardedTCPServer(TCPServer):
             if not data:
                 return  # h11's end of a Content-Length body: nothing to write
             async with self.send_lock:  # never waits when no one else writes
-                written = write_now(self.stream, data)
-                if written == len(data):
-                    return
-                if written is not None and await self._writes.send_all(self.stream, data[written:]):
+                if await self._writes.write(self.stream, data):
                     return
             with trio.CancelScope(shield=True):
                 await self.protocol.handle(Closed())

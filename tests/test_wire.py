@@ -680,6 +680,33 @@ async def test_close_returns_once_the_agent_replies(
     assert await transport.receive() is None
 
 
+async def test_close_after_part_of_a_frame_was_read(
+    kind: str, connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Bytes already read but not parsed (half a frame) are parsed before what
+    follows them: the agent's close reply still ends the closing handshake."""
+    transport, agent, _ = connect(kind)
+    frame = client_frame(TEXT, b"half now, half later")
+    await agent.send_raw(frame[:9])
+    with trio.CancelScope() as reading:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport.receive)
+            await trio.testing.wait_all_tasks_blocked()
+            reading.cancel()
+    elapsed: list[float] = []
+
+    async def close() -> None:
+        elapsed.append(await timed(transport.close(4000, "going away")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close)
+        [event] = await agent.events()
+        assert isinstance(event, CloseConnection)
+        await agent.send_raw(frame[9:])
+        await agent.send(event.response())
+    assert elapsed == [0]
+
+
 async def test_close_gives_up_after_close_wait(
     kind: str, connect: Connect, autojump_clock: trio.testing.MockClock
 ) -> None:

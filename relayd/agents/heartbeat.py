@@ -48,15 +48,11 @@ class Heartbeat:
         self._sleep: trio.CancelScope | None = None
         self.running = False
 
-    def __len__(self) -> int:
-        return len(self._schedule)
-
     def watch(self, session: AgentSession) -> None:
         """Start the heartbeat of a session that has just been admitted."""
         settings = self._settings()
         session.next_ping_at = session.heard_at + settings.heartbeat_interval
-        due = min(session.next_ping_at, session.heard_at + settings.heartbeat_timeout)
-        heapq.heappush(self._schedule, (due, next(self._order), session))
+        due = self._push(session, settings)
         if self._sleep is not None and due < self._sleep.deadline:
             self._sleep.deadline = due
 
@@ -100,16 +96,18 @@ class Heartbeat:
             if session.next_ping_at <= horizon:
                 session.ping(slow_sends)
                 session.next_ping_at = now + settings.heartbeat_interval
-                heapq.heappush(
-                    schedule,
-                    (min(session.next_ping_at, silent_until), next(self._order), session),
-                )
+                self._push(session, settings)
             else:
                 later.append(session)  # only its silence is due, and not yet
         for session in later:
-            due = min(session.next_ping_at, session.heard_at + settings.heartbeat_timeout)
-            heapq.heappush(schedule, (due, next(self._order), session))
+            self._push(session, settings)
         return schedule[0][0] if schedule else math.inf
+
+    def _push(self, session: AgentSession, settings: AgentsConfig) -> float:
+        """Schedule ``session`` for its next ping or the end of its allowed silence."""
+        due = min(session.next_ping_at, session.heard_at + settings.heartbeat_timeout)
+        heapq.heappush(self._schedule, (due, next(self._order), session))
+        return due
 
 
 def batch_window(interval: float) -> float:

@@ -14,8 +14,8 @@ of the session is left.
   silent for ``heartbeat_timeout``. (Hypercorn answers WebSocket-level pings
   itself and never shows the app a pong, and browsers send none, so liveness
   is the protocol's own ``ping``/``pong``.)
-* **Writing.** Frames are sent one at a time (:meth:`_send` is the single
-  writer for requests; the transport serialises every writer). A request's
+* **Writing.** Requests and pings are written by other tasks; the transport
+  keeps frames whole and in order, so the session needs no lock. A request's
   frame is sent shielded from its caller's cancellation but not past the
   caller's deadline: a frame half-given to the transport would otherwise
   leave the agent's slot taken by a request it never received.
@@ -63,7 +63,6 @@ from relayd.protocol import (
     Request,
     State,
 )
-from relayd.sync import LeanLock
 
 __all__ = [
     "AdmissionRefused",
@@ -187,7 +186,6 @@ class AgentSession:
         "_ping_count",
         "_protocol_errors",
         "_scope",
-        "_send_lock",
         "_transport",
         "agent_id",
         "capacity",
@@ -226,7 +224,6 @@ class AgentSession:
         self.heard_at = trio.current_time()  # the last frame from the agent, on trio's clock
         self.next_ping_at = math.inf  # set by the Heartbeat
         self._calls: dict[str, Call] = {}
-        self._send_lock = LeanLock()  # a trio.Lock would be most of a KB per idle agent
         self._scope: trio.CancelScope | None = None
         self._closing = False  # request_close() was called
         self._ping_count = 0
@@ -273,7 +270,7 @@ class AgentSession:
             # it (relayd.hypercorn_fixes.WriteLimits) and closes the connection
             # of an agent that stopped reading.
             with trio.CancelScope(shield=True, deadline=trio.current_effective_deadline()):
-                await self._send(call.frame)
+                await self._transport.send(call.frame)
             return await call.result()
         finally:
             call.abandoned = True
@@ -281,11 +278,6 @@ class AgentSession:
     async def call(self, request: Request) -> Reply | AgentError:
         """:meth:`start_call` then :meth:`complete`, for callers that hold a slot."""
         return await self.complete(self.start_call(request))
-
-    async def _send(self, text: str) -> None:
-        """Send one frame; one sender at a time (the session's single writer)."""
-        async with self._send_lock:
-            await self._transport.send(text)
 
     def ping(self, slow_sends: trio.Nursery) -> None:
         """Send the protocol's ping now (the Heartbeat calls this).

@@ -213,14 +213,19 @@ class WireTransport:
         try:
             parsed = parse_simple_frame(self._inbox, self._max_message)
         except NotSimple:
-            self._ws.receive_data(bytes(self._inbox))
-            self._inbox = None
+            self._hand_to_wsproto()
             return None
         if parsed is None:
             return None
         text, used = parsed
         del self._inbox[:used]
         return text
+
+    def _hand_to_wsproto(self) -> None:
+        """From now on wsproto parses what the agent sends, the inbox first."""
+        if self._inbox is not None:
+            self._ws.receive_data(bytes(self._inbox))
+            self._inbox = None
 
     async def send(self, text: str) -> None:
         if self._closed or self._gone:
@@ -249,6 +254,8 @@ class WireTransport:
             return
         # Wait (briefly) for the agent's close frame, so that it reads ours before
         # the socket goes: closing with unread data would reset the connection.
+        # wsproto follows the closing handshake, from any bytes not parsed yet.
+        self._hand_to_wsproto()
         with trio.move_on_after(CLOSE_WAIT):
             while self._ws.state is not ConnectionState.CLOSED:
                 data = await self._read()
@@ -330,7 +337,7 @@ class WireTransport:
             if not self._backlog:
                 return
             data, self._backlog = self._backlog, b""
-            if not await self._writes.send_all(self._stream, data):
+            if not await self._writes.write(self._stream, data):
                 self._gone = True
 
     async def _read(self) -> bytes:
