@@ -10,8 +10,9 @@ been sent; the requests under way then are waited for (up to
 req/s is counted.
 
 CPU is read before and after from ``/proc``: the server's (used, and waited
-for), this process's (the clients and the simulated agents) and the whole
-machine's, so a figure taken on a busy machine says so.
+for), the bench's (the clients and the simulated agents: this process and any
+child simulating agents) and the whole machine's, so a figure taken on a busy
+machine says so.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import gc
 import logging
 import resource
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from itertools import count
 from types import TracebackType
 from typing import Any
@@ -31,7 +32,7 @@ import trio
 from relayd.bench.fleet import Tracker, content_for
 from relayd.bench.httpclient import HttpClient, HttpError
 from relayd.bench.model import ScenarioResult, Settings
-from relayd.bench.procs import ServerProcess, read_system_busy_seconds
+from relayd.bench.procs import ServerProcess, read_cpu_seconds, read_system_busy_seconds
 from relayd.bench.servers import Target
 from relayd.bench.stats import Distribution, LoadRecorder, per_thousand, rate
 
@@ -64,11 +65,12 @@ class CpuSnapshot:
     at: float  # time.monotonic()
 
     @classmethod
-    def take(cls, server: ServerProcess | None) -> CpuSnapshot:
+    def take(cls, server: ServerProcess | None, helpers: Sequence[int] = ()) -> CpuSnapshot:
+        """``helpers``: pids of the bench's own child processes, counted as the bench."""
         return cls(
             server.cpu_seconds() if server else None,
             server.cpu_wait_seconds() if server else None,
-            bench_cpu_seconds(),
+            bench_cpu_seconds() + sum(read_cpu_seconds(pid) or 0.0 for pid in helpers),
             read_system_busy_seconds(),
             time.monotonic(),
         )
@@ -159,6 +161,8 @@ class LoadPhase:
     tracker: Tracker
     numbers: count[int]
     progress: Callable[[str], None]
+    # Child processes of the bench that simulate agents: their CPU is the bench's.
+    helpers: list[int] = field(default_factory=list)
 
     async def run(
         self,
@@ -188,7 +192,7 @@ class LoadPhase:
                         nursery.start_soon(_warm_up, client)
             give_up = duration + DRAIN_TIMEOUT + (result.delay_s or 0) * 2
             with GcWatch() as watch, trio.move_on_after(give_up):
-                cpu_before = CpuSnapshot.take(target.server)
+                cpu_before = CpuSnapshot.take(target.server, self.helpers)
                 started = trio.current_time()
                 deadline = started + duration
                 async with trio.open_nursery() as outer:
@@ -203,7 +207,7 @@ class LoadPhase:
             if unfinished:
                 recorder.errors["unfinished"] += unfinished
                 result.notes.append(f"{unfinished} requests were still unanswered after the drain")
-            CpuSnapshot.take(target.server).since(cpu_before, result)
+            CpuSnapshot.take(target.server, self.helpers).since(cpu_before, result)
             result.bench_gc_s = watch.paused
         finally:
             with trio.CancelScope(shield=True):

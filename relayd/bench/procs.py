@@ -30,9 +30,11 @@ __all__ = [
     "OpenFilesLimit",
     "ServerProcess",
     "ServerStartError",
+    "child_environment",
     "raise_open_files_limit",
     "read_cpu_seconds",
     "read_cpu_wait_seconds",
+    "read_log_tail",
     "read_memory",
     "read_system_busy_seconds",
     "start_server",
@@ -159,11 +161,7 @@ class ServerProcess:
         return read_cpu_wait_seconds(self.pid)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return read_log_tail(self.log_path, lines)
 
     async def stop(self, grace: float = STOP_TIMEOUT) -> int:
         """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit status."""
@@ -173,6 +171,15 @@ class ServerProcess:
                 return await self.process.wait()
             self.process.kill()
         return await self.process.wait()
+
+
+def read_log_tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a child's log file ("" if it cannot be read)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def child_environment(extra: dict[str, str]) -> dict[str, str]:

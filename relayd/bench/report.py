@@ -326,6 +326,6 @@ def format_table(report: dict[str, Any]) -> str:
         "req/s: successful answers per second, from the first request sent to the last answer.",
         "latency: successful requests, client send to last byte. queue: client send to the",
         "request reaching a simulated agent (parsing, auth, dispatch queue, WebSocket hop).",
-        "srv: the server process (relayd or the baseline); bench: this process (clients+agents).",
+        "srv: the server process (relayd or the baseline); bench: clients + simulated agents.",
     ]
     return "\n".join(lines)

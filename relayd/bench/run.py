@@ -21,6 +21,7 @@ from relayd.bench.model import ScenarioResult, Settings
 from relayd.bench.procs import OpenFilesLimit, ServerStartError, raise_open_files_limit
 from relayd.bench.report import Progress, build_report, evaluate, format_table
 from relayd.bench.scenarios import SCENARIOS, Bench, units_for
+from relayd.bench.sinks import SinkStartError
 
 __all__ = ["build_parser", "main"]
 
@@ -191,7 +192,7 @@ def main(argv: list[str]) -> int:
         )
     try:
         results = trio.run(_run, settings, units, files, progress, args.workdir)
-    except (ServerStartError, HttpError, OSError) as error:
+    except (ServerStartError, SinkStartError, HttpError, OSError) as error:
         progress.clear()
         print(f"relayd bench: {error}", file=sys.stderr)
         return 1

@@ -8,7 +8,8 @@ the same run. A unit needed by several scenarios runs once.
 Every unit gets its own server process (see :mod:`relayd.bench.servers`), so
 its CPU time and peak RSS are the unit's alone. Simulated agents
 (:mod:`relayd.bench.fleet`) and HTTP clients (:mod:`relayd.bench.load`) run in
-this process; relayd and the baseline run in their own.
+this process, except wide-dispatch's busy agents; relayd and the baseline run
+in their own.
 
 The units:
 
@@ -19,14 +20,16 @@ The units:
 * ``idle-10000``: 10,000 agents that only answer pings: relayd's RSS per agent
   and its CPU over a window of at least one heartbeat interval.
 * ``wide-dispatch``: relay-32 with 10,000 more agents connected whose every
-  slot is taken (see :meth:`Bench.occupy`).
+  slot is taken (see :meth:`Bench.occupy`). Those agents run in a child
+  process (:mod:`relayd.bench.sinks` says why).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -39,6 +42,7 @@ from relayd.bench.load import CpuSnapshot, GcWatch, LoadPhase
 from relayd.bench.model import REFERENCE_HEARTBEAT, ScenarioResult, Settings
 from relayd.bench.procs import OpenFilesLimit
 from relayd.bench.servers import Servers, Target, count_agents
+from relayd.bench.sinks import BusyAgents, busy_agents
 
 __all__ = [
     "SCENARIOS",
@@ -196,15 +200,14 @@ class Bench:
         result.idle_agents = counts.get("idle_agents", 0)
         result.capacity = settings.capacity
         result.delay_s = settings.delay or 0.0
-        async with (
-            self.servers.relayd(name, clients=result.clients) as target,
-            trio.open_nursery() as agents,
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            target = await stack.enter_async_context(
+                self.servers.relayd(name, clients=result.clients)
+            )
             if busy:
-                sinks = Fleet(target.agent_url, bench_handler(self.tracker, answer=False))
-                sinks.headers = self.agent_headers()
-                await self.connect(agents, sinks, result.idle_agents, result, "busy agents")
-                await self.occupy(target, sinks, result)
+                sinks = await stack.enter_async_context(self.busy_agents(target, result))
+                await self.occupy(target, sinks.connected, result)
+            agents = await stack.enter_async_context(trio.open_nursery())
             fleet = Fleet(
                 target.agent_url,
                 bench_handler(self.tracker, delay=result.delay_s),
@@ -340,19 +343,52 @@ class Bench:
                 self.progress(f"{result.name}: connecting {what} {done}/{total}")
 
         await fleet.start(nursery, number, on_progress=shown)
-        if fleet.failed:
+        self.note_failures(result, fleet.failed, number, fleet.failures, what)
+
+    @staticmethod
+    def note_failures(
+        result: ScenarioResult, failed: int, number: int, failures: list[str], what: str
+    ) -> None:
+        if failed:
             result.notes.append(
-                f"{fleet.failed} of {number} {what} could not connect: {'; '.join(fleet.failures)}"
+                f"{failed} of {number} {what} could not connect: {'; '.join(failures)}"
             )
 
-    async def occupy(self, target: Target, sinks: Fleet, result: ScenarioResult) -> None:
-        """Take every slot of the ``sinks`` (agents that never answer) through relayd.
+    @contextlib.asynccontextmanager
+    async def busy_agents(
+        self, target: Target, result: ScenarioResult
+    ) -> AsyncIterator[BusyAgents]:
+        """wide-dispatch's agents that never answer, connected from a child process."""
+        what = "busy agents"
+
+        def shown(done: int, total: int) -> None:
+            self.progress(f"{result.name}: connecting {what} {done}/{total}")
+
+        number = result.idle_agents
+        log_path = self.workdir / f"{result.name}-busy-agents.log"
+        async with busy_agents(
+            target.agent_url,
+            self.agent_headers(),
+            number,
+            self.tracker,
+            log_path,
+            on_progress=shown,
+        ) as sinks:
+            self.note_failures(result, sinks.failed, number, sinks.failures, what)
+            self.loader.helpers.append(sinks.pid)
+            try:
+                yield sinks
+            finally:
+                self.loader.helpers.remove(sinks.pid)
+
+    async def occupy(self, target: Target, agents: int, result: ScenarioResult) -> None:
+        """Take every slot of ``agents`` busy agents (that never answer) through relayd.
 
         Each slot gets a request from a client that hangs up once the request
         has reached an agent: the seed protocol has no cancel, so relayd keeps
         the slot taken until the agent answers, which these agents never do.
         """
-        slots = len(sinks.stats) * self.settings.capacity
+        slots = agents * self.settings.capacity
         limiter = trio.CapacityLimiter(HOLD_CONCURRENCY)
         outcomes: dict[str, int] = {}
         done = 0
@@ -399,7 +435,7 @@ class Bench:
                 + ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items()))
             )
         result.notes.append(
-            f"{held} slots of {len(sinks.stats)} agents held by requests that are never answered"
+            f"{held} slots of {agents} agents held by requests that are never answered"
         )
 
     async def census(self, result: ScenarioResult, target: Target) -> None:
