@@ -17,9 +17,12 @@ machine says so.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import resource
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +39,15 @@ from relayd.bench.procs import ServerProcess, read_cpu_seconds, read_system_busy
 from relayd.bench.servers import Target
 from relayd.bench.stats import Distribution, LoadRecorder, per_thousand, rate
 
-__all__ = ["CpuSnapshot", "GcWatch", "LoadPhase", "bench_cpu_seconds"]
+__all__ = [
+    "TURN",
+    "CpuSnapshot",
+    "CpuTotals",
+    "GcWatch",
+    "Load",
+    "LoadPhase",
+    "bench_cpu_seconds",
+]
 
 log = logging.getLogger("relayd.bench")
 
@@ -47,6 +58,13 @@ OTHERS_NOTICED = 0.25
 # After a load phase ends, how long requests still under way may take.
 DRAIN_TIMEOUT = 60.0
 PROGRESS_INTERVAL = 0.5
+# Units measured together take turns in windows this long (see LoadPhase.run_in_turns).
+TURN = 2.0
+# Helpers resumed for their unit's turn have caught up once they use less than
+# this share of a CPU over a CATCH_UP_STEP (or after CATCH_UP_LIMIT at most).
+CAUGHT_UP = 0.3
+CATCH_UP_STEP = 0.1
+CATCH_UP_LIMIT = 5.0
 
 
 def bench_cpu_seconds() -> float:
@@ -77,28 +95,9 @@ class CpuSnapshot:
 
     def since(self, before: CpuSnapshot, result: ScenarioResult) -> None:
         """Fill in ``result``'s CPU figures for the time from ``before`` to this."""
-
-        def delta(now: float | None, then: float | None) -> float | None:
-            return None if now is None or then is None else now - then
-
-        result.server_cpu_s = delta(self.server, before.server)
-        result.server_cpu_wait_s = delta(self.server_wait, before.server_wait)
-        result.bench_cpu_s = self.bench - before.bench
-        machine = delta(self.machine, before.machine)
-        if machine is not None:
-            result.other_cpu_s = max(0.0, machine - result.bench_cpu_s - (result.server_cpu_s or 0))
-        elapsed = self.at - before.at
-        if elapsed <= 0:
-            return
-        busy = []
-        if result.other_cpu_s is not None and result.other_cpu_s > OTHERS_NOTICED * elapsed:
-            busy.append(f"other processes used {result.other_cpu_s:.1f} CPU s in {elapsed:.1f}s")
-        if result.server_cpu_wait_s is not None and result.server_cpu_wait_s > 0.05 * elapsed:
-            busy.append(f"the server waited {result.server_cpu_wait_s:.1f} s for a CPU")
-        if busy:
-            result.notes.append(
-                "the machine was busy (" + "; ".join(busy) + "): these figures are pessimistic"
-            )
+        totals = CpuTotals()
+        totals.add(before, self)
+        totals.fill(result)
 
 
 # The bench's youngest-generation threshold while it measures (see GcWatch).
@@ -154,6 +153,64 @@ class GcWatch:
 
 
 @dataclass
+class CpuTotals:
+    """CPU seconds summed over the windows of one unit's load (see :class:`CpuSnapshot`)."""
+
+    server: float | None = 0.0
+    server_wait: float | None = 0.0
+    bench: float = 0.0
+    machine: float | None = 0.0
+    elapsed: float = 0.0
+
+    def add(self, before: CpuSnapshot, after: CpuSnapshot) -> None:
+        def plus(total: float | None, now: float | None, then: float | None) -> float | None:
+            return None if total is None or now is None or then is None else total + now - then
+
+        self.server = plus(self.server, after.server, before.server)
+        self.server_wait = plus(self.server_wait, after.server_wait, before.server_wait)
+        self.machine = plus(self.machine, after.machine, before.machine)
+        self.bench += after.bench - before.bench
+        self.elapsed += after.at - before.at
+
+    def fill(self, result: ScenarioResult) -> None:
+        """Put the totals in ``result``, with a note if the machine was busy meanwhile."""
+        result.server_cpu_s = self.server
+        result.server_cpu_wait_s = self.server_wait
+        result.bench_cpu_s = self.bench
+        if self.machine is not None:
+            result.other_cpu_s = max(0.0, self.machine - self.bench - (self.server or 0))
+        elapsed = self.elapsed
+        if elapsed <= 0:
+            return
+        busy = []
+        if result.other_cpu_s is not None and result.other_cpu_s > OTHERS_NOTICED * elapsed:
+            busy.append(f"other processes used {result.other_cpu_s:.1f} CPU s in {elapsed:.1f}s")
+        if result.server_cpu_wait_s is not None and result.server_cpu_wait_s > 0.05 * elapsed:
+            busy.append(f"the server waited {result.server_cpu_wait_s:.1f} s for a CPU")
+        if busy:
+            result.notes.append(
+                "the machine was busy (" + "; ".join(busy) + "): these figures are pessimistic"
+            )
+
+
+@dataclass
+class Load:
+    """One unit of a load phase: what it loads, its clients, and what they saw."""
+
+    result: ScenarioResult
+    target: Target
+    tracked: bool  # its agents report to the tracker: queue wait is measured
+    clients: list[HttpClient] = field(default_factory=list)
+    recorder: LoadRecorder = field(default_factory=LoadRecorder)
+    cpu: CpuTotals = field(default_factory=CpuTotals)
+    # The unit's own child processes simulating agents (wide-dispatch's busy
+    # agents): their CPU is the bench's, and they are stopped while others load.
+    helpers: list[int] = field(default_factory=list)
+    left: float = 0.0  # load time still to give it
+    gc_paused: float = 0.0
+
+
+@dataclass
 class LoadPhase:
     """What a load phase needs from the run: settings, the tracker, request numbers."""
 
@@ -161,8 +218,6 @@ class LoadPhase:
     tracker: Tracker
     numbers: count[int]
     progress: Callable[[str], None]
-    # Child processes of the bench that simulate agents: their CPU is the bench's.
-    helpers: list[int] = field(default_factory=list)
 
     async def run(
         self,
@@ -175,44 +230,100 @@ class LoadPhase:
     ) -> None:
         """Run ``result.clients`` clients against ``target`` for ``duration`` (default:
         ``--duration``); fill in the load figures."""
+        await self.run_in_turns([Load(result, target, tracked)], warm_up=warm_up, duration=duration)
+
+    async def run_in_turns(
+        self, loads: list[Load], *, warm_up: bool = True, duration: float | None = None
+    ) -> None:
+        """Load each unit of ``loads`` for ``duration`` in all, taking turns.
+
+        One unit gets one window of the whole duration. Several take turns in
+        windows of :data:`TURN` seconds, every unit in each round, so that a
+        change in the machine's speed (these are shared machines) falls on all
+        of them alike and their ratios hold. Each unit has its own clients,
+        connected and warmed up before the first window.
+
+        While one unit loads, the others' servers sit idle and their helper
+        processes are stopped (SIGSTOP), so the unit loads a machine as quiet
+        as if it ran alone. A unit whose helpers were stopped lets them catch
+        up before its window (:func:`_caught_up`): wide-dispatch's busy agents
+        answer the pings relayd sent them meanwhile, and relayd reads that
+        backlog of pongs then, so its window holds the pings and pongs of its
+        own time, as when it runs alone. (What remains: relayd sends those
+        pings during the others' windows, a fraction of a percent of a core.)
+        """
         settings = self.settings
         duration = settings.duration if duration is None else duration
-        clients = [
-            HttpClient(target.host, target.port, headers=target.client_headers())
-            for _ in range(result.clients)
-        ]
-        recorder = LoadRecorder()
+        for load in loads:
+            load.clients = [
+                HttpClient(load.target.host, load.target.port, headers=load.target.client_headers())
+                for _ in range(load.result.clients)
+            ]
+            load.left = duration
+        window = duration if len(loads) == 1 else TURN
         try:
-            await self.open_connections(clients, result)
-            if warm_up:
-                # One answered request per client first: connections, caches and
-                # the first-request costs of the server are not measured.
-                async with trio.open_nursery() as nursery:
-                    for client in clients:
-                        nursery.start_soon(_warm_up, client)
-            give_up = duration + DRAIN_TIMEOUT + (result.delay_s or 0) * 2
-            with GcWatch() as watch, trio.move_on_after(give_up):
-                cpu_before = CpuSnapshot.take(target.server, self.helpers)
-                started = trio.current_time()
-                deadline = started + duration
-                async with trio.open_nursery() as outer:
-                    outer.start_soon(self.show_load, result, recorder, started, duration)
+            for load in loads:
+                await self.open_connections(load.clients, load.result)
+                if warm_up:
+                    # One answered request per client first: connections, caches and
+                    # the first-request costs of the server are not measured.
                     async with trio.open_nursery() as nursery:
-                        for client in clients:
-                            nursery.start_soon(
-                                self.client_loop, client, recorder, deadline, tracked
-                            )
-                    outer.cancel_scope.cancel()
-            unfinished = recorder.sent - recorder.ok - recorder.failed
-            if unfinished:
-                recorder.errors["unfinished"] += unfinished
-                result.notes.append(f"{unfinished} requests were still unanswered after the drain")
-            CpuSnapshot.take(target.server, self.helpers).since(cpu_before, result)
-            result.bench_gc_s = watch.paused
+                        for client in load.clients:
+                            nursery.start_soon(_warm_up, client)
+            with GcWatch() as watch:
+                while turns := [load for load in loads if not self._finished(load)]:
+                    for load in turns:
+                        if len(loads) > 1:
+                            for other in loads:
+                                _signal(other.helpers, signal.SIGSTOP, unless=other is load)
+                            if load.helpers:
+                                _signal(load.helpers, signal.SIGCONT)
+                                await _caught_up(load.helpers)
+                        await self._window(load, min(window, load.left), duration, watch)
         finally:
+            for load in loads:
+                _signal(load.helpers, signal.SIGCONT)
             with trio.CancelScope(shield=True):
-                for client in clients:
-                    await client.aclose()
+                for load in loads:
+                    for client in load.clients:
+                        await client.aclose()
+        for load in loads:
+            self._fill(load)
+
+    def _finished(self, load: Load) -> bool:
+        budget = self.settings.requests
+        return load.left <= 0 or (budget is not None and load.recorder.sent >= budget)
+
+    async def _window(self, load: Load, length: float, duration: float, watch: GcWatch) -> None:
+        """Run ``load``'s clients for ``length`` seconds, then wait for their answers."""
+        result, recorder = load.result, load.recorder
+        give_up = length + DRAIN_TIMEOUT + (result.delay_s or 0) * 2
+        paused = watch.paused
+        before = CpuSnapshot.take(load.target.server, load.helpers)
+        with trio.move_on_after(give_up):
+            deadline = trio.current_time() + length
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self.show_load, result, recorder, duration - load.left, duration)
+                async with trio.open_nursery() as nursery:
+                    for client in load.clients:
+                        nursery.start_soon(
+                            self.client_loop, client, recorder, deadline, load.tracked
+                        )
+                outer.cancel_scope.cancel()
+        load.cpu.add(before, CpuSnapshot.take(load.target.server, load.helpers))
+        load.gc_paused += watch.paused - paused
+        recorder.end_window()
+        load.left -= length
+
+    def _fill(self, load: Load) -> None:
+        """Fill in ``load``'s result from everything its windows saw."""
+        result, recorder, target = load.result, load.recorder, load.target
+        unfinished = recorder.sent - recorder.ok - recorder.failed
+        if unfinished:
+            recorder.errors["unfinished"] += unfinished
+            result.notes.append(f"{unfinished} requests were still unanswered after the drain")
+        load.cpu.fill(result)
+        result.bench_gc_s = load.gc_paused
         result.duration_s = recorder.elapsed
         result.requests_sent = recorder.sent
         result.requests_ok = recorder.ok
@@ -279,17 +390,44 @@ class LoadPhase:
                 await trio.sleep(0.1)  # do not spin on a refused connection
 
     async def show_load(
-        self, result: ScenarioResult, recorder: LoadRecorder, started: float, duration: float
+        self, result: ScenarioResult, recorder: LoadRecorder, done: float, duration: float
     ) -> None:
+        """The progress line of ``result``'s load, ``done`` seconds of it before this window."""
+        started = trio.current_time()
         while True:
-            elapsed = trio.current_time() - started
-            per_second = rate(recorder.ok, elapsed) or 0.0
+            so_far = done + trio.current_time() - started
+            per_second = rate(recorder.ok, recorder.elapsed) or 0.0
             self.progress(
-                f"{result.name}: {min(elapsed, duration):.1f}/{duration:g}s "
+                f"{result.name}: {min(so_far, duration):.1f}/{duration:g}s "
                 f"{result.clients} clients  {recorder.ok} ok  {recorder.failed} errors  "
                 f"{per_second:.0f} req/s"
             )
             await trio.sleep(PROGRESS_INTERVAL)
+
+
+async def _caught_up(pids: list[int]) -> None:
+    """Return once ``pids``, just resumed, have worked off what piled up (their CPU
+    use drops to a steady trickle), or after :data:`CATCH_UP_LIMIT` seconds."""
+
+    def used() -> float:
+        return sum(read_cpu_seconds(pid) or 0.0 for pid in pids)
+
+    with trio.move_on_after(CATCH_UP_LIMIT):
+        before = used()
+        while True:
+            await trio.sleep(CATCH_UP_STEP)
+            now = used()
+            if now - before < CAUGHT_UP * CATCH_UP_STEP:
+                return
+            before = now
+
+
+def _signal(pids: list[int], number: signal.Signals, *, unless: bool = False) -> None:
+    if unless:
+        return
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, number)
 
 
 async def _warm_up(client: HttpClient) -> None:

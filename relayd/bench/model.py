@@ -34,6 +34,7 @@ class Settings:
     key: str | None = None
     agent_key: str | None = None
     baseline_server: str = "hypercorn"  # or "guarded": relayd's patched serve()
+    in_turns: bool = True  # units of a group take turns (False: --one-at-a-time)
 
     def scaled(self, default: int, override: int | None) -> int:
         """A count of agents or clients: the override or default, times ``scale``, ≥ 1."""

@@ -13,19 +13,22 @@ a process the bench started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 __all__ = [
+    "UNPINNED",
+    "CpuPlan",
     "Memory",
     "OpenFilesLimit",
     "ServerProcess",
@@ -173,6 +176,52 @@ class ServerProcess:
         return await self.process.wait()
 
 
+@dataclass(frozen=True)
+class CpuPlan:
+    """Which CPUs the servers run on, and which the bench (clients, agents) runs on.
+
+    The servers share one CPU and the bench keeps the others: on a shared
+    machine whose CPUs change speed under neighbours' load independently, two
+    servers on two different CPUs would be compared on two different machines.
+    Empty sets: no pinning (one CPU, ``--no-pin``, or affinity not allowed).
+    """
+
+    servers: frozenset[int] = frozenset()
+    bench: frozenset[int] = frozenset()
+
+    @classmethod
+    @contextlib.contextmanager
+    def pinned(cls, pin: bool) -> Iterator[CpuPlan]:
+        """Servers on the highest-numbered CPU this process may use, the bench on the
+        rest: this process is moved there (its children inherit it) until the end."""
+        if not pin or not hasattr(os, "sched_setaffinity"):
+            yield cls()
+            return
+        available = os.sched_getaffinity(0)
+        if len(available) < 2:
+            yield cls()
+            return
+        servers = frozenset({max(available)})
+        bench = frozenset(available - servers)
+        try:
+            os.sched_setaffinity(0, bench)
+        except OSError:
+            yield cls()
+            return
+        try:
+            yield cls(servers, bench)
+        finally:
+            os.sched_setaffinity(0, available)
+
+    def place_server(self, pid: int) -> None:
+        if self.servers:
+            with contextlib.suppress(OSError):  # it exited already: its start reports that
+                os.sched_setaffinity(pid, self.servers)
+
+
+UNPINNED = CpuPlan()
+
+
 def read_log_tail(path: Path, lines: int = 30) -> str:
     """The last ``lines`` lines of a child's log file ("" if it cannot be read)."""
     try:
@@ -197,6 +246,7 @@ async def start_server(
     *,
     env: dict[str, str] | None = None,
     ready_within: float = START_TIMEOUT,
+    cpus: CpuPlan = UNPINNED,
 ) -> ServerProcess:
     """Run ``python -m <arguments> --listen fd://N`` and wait for its READY=1.
 
@@ -225,6 +275,7 @@ async def start_server(
                 env=environment,
                 pass_fds=(listener.fileno(),),
             )
+        cpus.place_server(process.pid)
         server = ServerProcess(name, process, port, log_path)
         listener.close()
         ready = False

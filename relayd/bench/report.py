@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
 from relayd.bench.model import ScenarioResult, Settings
-from relayd.bench.procs import OpenFilesLimit
+from relayd.bench.procs import UNPINNED, CpuPlan, OpenFilesLimit
 
 __all__ = ["Check", "Progress", "build_report", "evaluate", "format_table"]
 
@@ -144,11 +144,14 @@ def build_report(
     settings: Settings,
     results: dict[str, ScenarioResult],
     files: OpenFilesLimit,
+    cpus: CpuPlan = UNPINNED,
 ) -> dict[str, Any]:
     """The whole report as JSON-ready data (what ``--json`` prints)."""
     return {
         "environment": {
             "cpus": os.cpu_count(),
+            "server_cpus": sorted(cpus.servers),
+            "bench_cpus": sorted(cpus.bench),
             "python": platform.python_version(),
             "platform": platform.platform(),
             "open_files": {"before": files.before, "soft": files.soft, "hard": files.hard},
@@ -164,6 +167,10 @@ def build_report(
 
 
 # -- the table ---------------------------------------------------------------------------
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return ",".join(str(cpu) for cpu in cpus)
 
 
 def _ms(value: Any) -> str:
@@ -235,6 +242,12 @@ def format_table(report: dict[str, Any]) -> str:
         + f", open files {files['soft']}"
         + (f" (raised from {files['before']})" if files["soft"] > files["before"] else "")
         + (f", against {settings['url']}" if settings["url"] else ""),
+        (
+            f"servers on CPU {_cpu_list(environment['server_cpus'])}, the bench on CPU "
+            f"{_cpu_list(environment['bench_cpus'])}"
+            if environment["server_cpus"]
+            else "servers and bench on any CPU"
+        ),
         "",
     ]
     rows = [

@@ -18,7 +18,12 @@ import trio
 
 from relayd.bench.httpclient import HttpError
 from relayd.bench.model import ScenarioResult, Settings
-from relayd.bench.procs import OpenFilesLimit, ServerStartError, raise_open_files_limit
+from relayd.bench.procs import (
+    CpuPlan,
+    OpenFilesLimit,
+    ServerStartError,
+    raise_open_files_limit,
+)
 from relayd.bench.report import Progress, build_report, evaluate, format_table
 from relayd.bench.scenarios import SCENARIOS, Bench, units_for
 from relayd.bench.sinks import SinkStartError
@@ -133,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
         "serve() (to see what relayd's Hypercorn fixes cost)",
     )
     parser.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="measure each scenario alone, one after the other, instead of letting the "
+        "loads of baseline-1/relay-1 and of baseline-32/relay-32/wide-dispatch take turns "
+        "in 2 s windows (always so with --url: those share the one relayd)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the servers and the bench run on any CPU (by default the servers share "
+        "the last CPU and the bench keeps the others, when there are two or more)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         metavar="DIR",
@@ -180,6 +198,7 @@ def main(argv: list[str]) -> int:
         key=args.key,
         agent_key=args.agent_key,
         baseline_server=args.baseline_server,
+        in_turns=not args.one_at_a_time and args.url is None,
     )
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +210,8 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
     try:
-        results = trio.run(_run, settings, units, files, progress, args.workdir)
+        with CpuPlan.pinned(not args.no_pin) as cpus:
+            results = trio.run(_run, settings, units, files, progress, args.workdir, cpus)
     except (ServerStartError, SinkStartError, HttpError, OSError) as error:
         progress.clear()
         print(f"relayd bench: {error}", file=sys.stderr)
@@ -201,7 +221,7 @@ def main(argv: list[str]) -> int:
         print("relayd bench: interrupted", file=sys.stderr)
         return 130
     progress.clear()
-    report = build_report(settings, results, files)
+    report = build_report(settings, results, files, cpus)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -217,8 +237,9 @@ async def _run(
     files: OpenFilesLimit,
     progress: Progress,
     workdir: Path | None,
+    cpus: CpuPlan,
 ) -> dict[str, ScenarioResult]:
     if workdir is not None:
-        return await Bench(settings, workdir, files, progress).run(units)
+        return await Bench(settings, workdir, files, progress, cpus=cpus).run(units)
     with tempfile.TemporaryDirectory(prefix="relayd-bench-") as scratch:
-        return await Bench(settings, Path(scratch), files, progress).run(units)
+        return await Bench(settings, Path(scratch), files, progress, cpus=cpus).run(units)

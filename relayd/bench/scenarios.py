@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -38,18 +39,20 @@ import trio
 
 from relayd.bench.fleet import Fleet, Tracker, bench_handler, content_for
 from relayd.bench.httpclient import HttpClient, HttpError
-from relayd.bench.load import CpuSnapshot, GcWatch, LoadPhase
+from relayd.bench.load import TURN, CpuSnapshot, GcWatch, Load, LoadPhase
 from relayd.bench.model import REFERENCE_HEARTBEAT, ScenarioResult, Settings
-from relayd.bench.procs import OpenFilesLimit
+from relayd.bench.procs import UNPINNED, CpuPlan, OpenFilesLimit
 from relayd.bench.servers import Servers, Target, count_agents
 from relayd.bench.sinks import BusyAgents, busy_agents
 
 __all__ = [
     "SCENARIOS",
+    "TOGETHER",
     "UNITS",
     "Bench",
     "ScenarioResult",
     "Settings",
+    "batches",
     "units_for",
 ]
 
@@ -71,6 +74,10 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "wide-dispatch": ("baseline-32", "relay-32", "wide-dispatch"),
     "all": UNITS,
 }
+# Units measured together (their loads take turns), so that their ratios hold
+# on a machine whose speed changes under them. The busiest unit goes last: its
+# servers start while the others sit idle.
+TOGETHER = (("baseline-1", "relay-1"), ("baseline-32", "relay-32", "wide-dispatch"))
 # A unit's reference: what its ratio is measured against.
 REFERENCES = {"relay-1": "baseline-1", "relay-32": "baseline-32", "wide-dispatch": "relay-32"}
 
@@ -115,31 +122,49 @@ class Bench:
     results: dict[str, ScenarioResult] = field(default_factory=dict)
     tracker: Tracker = field(default_factory=Tracker)
     numbers: count[int] = field(default_factory=count)  # request numbers, unique in the run
+    cpus: CpuPlan = UNPINNED
 
     def __post_init__(self) -> None:
-        self.servers = Servers(self.settings, self.workdir)
+        self.servers = Servers(self.settings, self.workdir, self.cpus)
         self.loader = LoadPhase(self.settings, self.tracker, self.numbers, self.progress)
 
     async def run(self, units: list[str]) -> dict[str, ScenarioResult]:
-        """Run ``units`` one after the other; each relay unit's ratio is filled in."""
-        runners: dict[str, Callable[[], Awaitable[ScenarioResult]]] = {
+        """Run ``units``, each batch together (see :func:`batches`); fill in the ratios."""
+        loaded: dict[str, Callable[[], AbstractAsyncContextManager[Load]]] = {
             "baseline-1": lambda: self.baseline("baseline-1", 1),
             "baseline-32": lambda: self.baseline("baseline-32", 32),
             "relay-1": lambda: self.relay("relay-1", 1),
             "relay-32": lambda: self.relay("relay-32", 32),
-            "pool-1000": self.pool,
-            "idle-10000": self.idle,
             "wide-dispatch": lambda: self.relay("wide-dispatch", 32, busy=True),
         }
+        alone: dict[str, Callable[[], Awaitable[ScenarioResult]]] = {
+            "pool-1000": self.pool,
+            "idle-10000": self.idle,
+        }
+        results: dict[str, ScenarioResult] = {}
+        for batch in batches(units, in_turns=self.settings.in_turns):
+            if batch[0] in alone:
+                results[batch[0]] = await alone[batch[0]]()
+                continue
+            async with contextlib.AsyncExitStack() as stack:
+                loads = [await stack.enter_async_context(loaded[unit]()) for unit in batch]
+                await self.loader.run_in_turns(loads)
+            for load in loads:
+                result = results[load.result.name] = load.result
+                others = [unit for unit in batch if unit != result.name]
+                if others:
+                    result.notes.append(
+                        f"loaded in {TURN:g}s turns with {', '.join(others)} (their servers "
+                        "running side by side; --one-at-a-time measures each alone)"
+                    )
         for unit in units:
-            result = await runners[unit]()
+            result = self.results[unit] = results[unit]
             reference = REFERENCES.get(unit)
-            if reference is not None and reference in self.results:
+            if reference is not None and reference in results:
                 result.reference = reference
-                base = self.results[reference].req_per_s
+                base = results[reference].req_per_s
                 if result.req_per_s is not None and base:
                     result.ratio = result.req_per_s / base
-            self.results[unit] = result
         return self.results
 
     # -- counts and the open-files limit ---------------------------------------------
@@ -164,7 +189,9 @@ class Bench:
 
     # -- units -------------------------------------------------------------------------
 
-    async def baseline(self, name: str, default_clients: int) -> ScenarioResult:
+    @contextlib.asynccontextmanager
+    async def baseline(self, name: str, default_clients: int) -> AsyncIterator[Load]:
+        """The baseline server, ready for ``name``'s load."""
         settings = self.settings
         result = ScenarioResult(
             name,
@@ -174,11 +201,14 @@ class Bench:
         counts = self.fit(result, {"clients": settings.scaled(default_clients, settings.clients)})
         result.clients = counts["clients"]
         async with self.servers.baseline(name) as target:
-            await self.loader.run(result, target, tracked=False)
-        return result
+            yield Load(result, target, tracked=False)
 
-    async def relay(self, name: str, default_clients: int, *, busy: bool = False) -> ScenarioResult:
-        """relay-1, relay-32, and wide-dispatch (relay-32 beside many busy agents)."""
+    @contextlib.asynccontextmanager
+    async def relay(
+        self, name: str, default_clients: int, *, busy: bool = False
+    ) -> AsyncIterator[Load]:
+        """relay-1, relay-32, and wide-dispatch (relay-32 beside many busy agents): a
+        relayd with its agents connected, ready for the load."""
         settings = self.settings
         result = ScenarioResult(
             name,
@@ -204,9 +234,11 @@ class Bench:
             target = await stack.enter_async_context(
                 self.servers.relayd(name, clients=result.clients)
             )
+            helpers = []
             if busy:
                 sinks = await stack.enter_async_context(self.busy_agents(target, result))
                 await self.occupy(target, sinks.connected, result)
+                helpers.append(sinks.pid)
             agents = await stack.enter_async_context(trio.open_nursery())
             fleet = Fleet(
                 target.agent_url,
@@ -215,10 +247,9 @@ class Bench:
             )
             fleet.headers = self.agent_headers()
             await self.connect(agents, fleet, result.agents, result, "agents")
-            await self.loader.run(result, target, tracked=True)
+            yield Load(result, target, tracked=True, helpers=helpers)
             await self.census(result, target)
             agents.cancel_scope.cancel()
-        return result
 
     async def pool(self) -> ScenarioResult:
         settings = self.settings
@@ -375,11 +406,7 @@ class Bench:
             on_progress=shown,
         ) as sinks:
             self.note_failures(result, sinks.failed, number, sinks.failures, what)
-            self.loader.helpers.append(sinks.pid)
-            try:
-                yield sinks
-            finally:
-                self.loader.helpers.remove(sinks.pid)
+            yield sinks
 
     async def occupy(self, target: Target, agents: int, result: ScenarioResult) -> None:
         """Take every slot of ``agents`` busy agents (that never answer) through relayd.
@@ -453,6 +480,26 @@ class Bench:
                 f"relayd counts {connected} agents connected at the end, {expected} expected: "
                 "it dropped some (see its log, --workdir keeps it)"
             )
+
+
+def batches(units: list[str], *, in_turns: bool) -> list[list[str]]:
+    """``units`` in the batches they run in, in order.
+
+    With ``in_turns``, the units of each group in :data:`TOGETHER` that are in
+    ``units`` form one batch: their servers run side by side and their loads
+    take turns (:meth:`relayd.bench.load.LoadPhase.run_in_turns`). Every other
+    unit is a batch of its own.
+    """
+    result: list[list[str]] = []
+    placed: set[str] = set()
+    for unit in units:
+        if unit in placed:
+            continue
+        group = next((group for group in TOGETHER if unit in group), (unit,)) if in_turns else ()
+        batch = [member for member in group if member in units] or [unit]
+        result.append(batch)
+        placed.update(batch)
+    return result
 
 
 def inline_agents(delay: float) -> bool:

@@ -23,7 +23,7 @@ import trio
 
 from relayd.bench.httpclient import HttpClient, HttpError
 from relayd.bench.model import Settings
-from relayd.bench.procs import ServerProcess, start_server
+from relayd.bench.procs import UNPINNED, CpuPlan, ServerProcess, start_server
 
 __all__ = ["Servers", "Target", "count_agents", "create_user", "external_target"]
 
@@ -54,6 +54,7 @@ class Servers:
 
     settings: Settings
     workdir: Path
+    cpus: CpuPlan = UNPINNED
 
     @asynccontextmanager
     async def relayd(
@@ -83,7 +84,9 @@ class Servers:
         admin_key = secrets.token_urlsafe(24)
         arguments = ["relayd", "serve", "--listen", "fd://{fd}"]
         arguments += ["--config", str(config_path), "--state-dir", str(workdir / "state")]
-        server = await start_server(name, arguments, workdir, env={"RELAYD_ADMIN_KEY": admin_key})
+        server = await start_server(
+            name, arguments, workdir, env={"RELAYD_ADMIN_KEY": admin_key}, cpus=self.cpus
+        )
         try:
             token = await create_user(server.port, admin_key)
             yield Target("127.0.0.1", server.port, token, admin_key, server)
@@ -97,7 +100,7 @@ class Servers:
         workdir.mkdir()
         arguments = ["relayd.bench.baseline", "--listen", "fd://{fd}"]
         arguments += ["--server", self.settings.baseline_server]
-        server = await start_server(name, arguments, workdir)
+        server = await start_server(name, arguments, workdir, cpus=self.cpus)
         try:
             yield Target("127.0.0.1", server.port, "bench", None, server)
         finally:

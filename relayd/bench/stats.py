@@ -113,10 +113,15 @@ class LoadRecorder:
     ``ok / (finished - started)``: clients stop sending when the phase ends and
     the requests still under way then are waited for, so an agent-bound phase
     (answers in waves) is not cut in the middle of a wave.
+
+    A phase may come in several windows (units measured in turns): each
+    window's time counts, from its first request to its last answer, and the
+    time between windows does not.
     """
 
     started: float | None = None
     finished: float | None = None
+    earlier_windows: float = 0.0  # elapsed time of the windows already ended
     sent: int = 0
     ok: int = 0
     latencies: list[float] = field(default_factory=list)
@@ -144,11 +149,16 @@ class LoadRecorder:
     def failed(self) -> int:
         return sum(self.errors.values())
 
+    def end_window(self) -> None:
+        """The clients paused: what follows is timed as a new window."""
+        self.earlier_windows = self.elapsed
+        self.started = self.finished = None
+
     @property
     def elapsed(self) -> float:
         if self.started is None or self.finished is None:
-            return 0.0
-        return self.finished - self.started
+            return self.earlier_windows
+        return self.earlier_windows + self.finished - self.started
 
     def requests_per_second(self) -> float | None:
         """Successful requests per second; None before any request ended."""
