@@ -245,7 +245,8 @@ class LoadPhase:
 
         While one unit loads, the others' servers sit idle and their helper
         processes are stopped (SIGSTOP), so the unit loads a machine as quiet
-        as if it ran alone. A unit whose helpers were stopped lets them catch
+        as if it ran alone (unless the heartbeat is so short that relayd would
+        drop agents stopped that long). A unit whose helpers were stopped lets them catch
         up before its window (:func:`_caught_up`): wide-dispatch's busy agents
         answer the pings relayd sent them meanwhile, and relayd reads that
         backlog of pongs then, so its window holds the pings and pongs of its
@@ -261,6 +262,15 @@ class LoadPhase:
             ]
             load.left = duration
         window = duration if len(loads) == 1 else TURN
+        # Stopped agents are silent: stop them only for well under relayd's
+        # heartbeat timeout (3 intervals, see Servers.relayd), or it drops them.
+        stopping = len(loads) > 1 and 2 * (len(loads) - 1) * TURN < 3 * settings.heartbeat
+        for load in loads:
+            if load.helpers and len(loads) > 1 and not stopping:
+                load.result.notes.append(
+                    "its busy agents kept running during the other units' turns: the "
+                    "heartbeat is too short to stop them that long"
+                )
         try:
             for load in loads:
                 await self.open_connections(load.clients, load.result)
@@ -273,7 +283,7 @@ class LoadPhase:
             with GcWatch() as watch:
                 while turns := [load for load in loads if not self._finished(load)]:
                     for load in turns:
-                        if len(loads) > 1:
+                        if stopping:
                             for other in loads:
                                 _signal(other.helpers, signal.SIGSTOP, unless=other is load)
                             if load.helpers:
