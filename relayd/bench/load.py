@@ -7,7 +7,8 @@ costs are not measured. Then each client sends its next request as soon as
 the last answer came, until ``--duration`` is over or ``--requests`` have
 been sent; the requests under way then are waited for (up to
 :data:`DRAIN_TIMEOUT`). See :class:`relayd.bench.stats.LoadRecorder` for how
-req/s is counted.
+req/s is counted. Units measured together take turns in windows
+(:meth:`LoadPhase.run_in_turns` says why and how).
 
 CPU is read before and after from ``/proc``: the server's (used, and waited
 for), the bench's (the clients and the simulated agents: this process and any
