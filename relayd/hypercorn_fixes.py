@@ -118,12 +118,19 @@ def write_now(stream: trio.abc.Stream, data: bytes) -> int | None:
         return None
 
 
-async def read_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
+async def read_some(stream: trio.abc.Stream, max_bytes: int, *, drained: bool = False) -> bytes:
     """The next bytes from ``stream``; b"" at its end, or once it is closed or reset.
 
     On a socket stream: a non-blocking read on its descriptor, waiting for it
     to be readable when it is not. Trio's ``receive_some`` passes through the
     scheduler once more after a read that had to wait, on every request's path.
+
+    ``drained``: the caller's last read took everything there was (it came
+    back short of its limit), so this one waits for readability first rather
+    than try a read that would almost surely fail: after a request or an
+    agent's frame the peer waits for an answer, and a failed read is a system
+    call and an exception for nothing. If data is there after all, the wait
+    ends at the event loop's next poll.
     """
     if not isinstance(stream, trio.SocketStream):
         try:
@@ -131,6 +138,14 @@ async def read_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
     waited = False
+    if drained:
+        if stream.socket.fileno() < 0:  # closed under us (a write cut short)
+            return b""
+        try:
+            await trio.lowlevel.wait_readable(stream.socket)
+        except trio.ClosedResourceError:
+            return b""
+        waited = True
     while True:
         descriptor = stream.socket.fileno()
         if descriptor < 0:  # closed under us (a write cut short)
@@ -329,6 +344,7 @@ class GuardedTCPServer(TCPServer):
     async def _read_data(self) -> None:
         # Hypercorn's loop, with the idle deadline on the read instead of a timer task.
         first, self._first_bytes = self._first_bytes, None
+        drained = False
         while True:
             if first is not None:
                 data, first = first, None
@@ -336,11 +352,12 @@ class GuardedTCPServer(TCPServer):
                 with trio.CancelScope(deadline=self._read_deadline()) as scope:
                     self._read_scope = scope
                     try:
-                        data = await read_some(self.stream, MAX_RECV)
+                        data = await read_some(self.stream, MAX_RECV, drained=drained)
                     finally:
                         self._read_scope = None
                 if scope.cancelled_caught:
                     break  # idle for keep_alive_timeout
+            drained = 0 < len(data) < MAX_RECV
             await self.protocol.handle(RawData(data))
             if data == b"" or self._websocket_refused():
                 break

@@ -47,7 +47,7 @@ from relayd.agents.wire import (
     parse_simple_frame,
     text_frame,
 )
-from relayd.hypercorn_fixes import WRITE_TIMEOUT, WriteLimits
+from relayd.hypercorn_fixes import WRITE_TIMEOUT, WriteLimits, read_some
 
 ACCEPT = (
     b"HTTP/1.1 101 Switching Protocols\r\n"
@@ -826,3 +826,29 @@ def test_text_frame_is_what_a_client_reads(text: str) -> None:
     events = list(client.events())
     assert [type(event) for event in events] == [TextMessage]
     assert events[0].data == text
+
+
+# -- read_some after a read that took everything -----------------------------------------
+
+
+async def test_a_drained_read_waits_for_data_and_still_gets_what_was_there() -> None:
+    relay_socket, agent_socket = trio.socket.socketpair()
+    relay, agent = trio.SocketStream(relay_socket), trio.SocketStream(agent_socket)
+    with trio.fail_after(5):
+        # Data already there: the wait ends at once and the read takes it.
+        await agent.send_all(b"pong")
+        assert await read_some(relay, 1024, drained=True) == b"pong"
+        # Nothing there yet: it waits for the peer instead of failing a read.
+        async with trio.open_nursery() as nursery:
+
+            async def later() -> None:
+                await trio.sleep(0.05)
+                await agent.send_all(b"reply")
+
+            nursery.start_soon(later)
+            assert await read_some(relay, 1024, drained=True) == b"reply"
+        # The peer gone: the end of the stream, as without the hint.
+        await agent.aclose()
+        assert await read_some(relay, 1024, drained=True) == b""
+    await relay.aclose()
+    assert await read_some(relay, 1024, drained=True) == b""  # closed under us

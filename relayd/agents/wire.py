@@ -133,6 +133,7 @@ class WireTransport:
         "_accept",
         "_backlog",
         "_closed",
+        "_drained",
         "_gone",
         "_inbox",
         "_lock",
@@ -156,6 +157,7 @@ class WireTransport:
         # Bytes read and not yet parsed, while every frame has been simple; None
         # once wsproto has taken over the connection's incoming side.
         self._inbox: bytearray | None = bytearray()
+        self._drained = False  # the last read took all there was (see read_some)
         self._lock = LeanLock()  # held while the stream's send_all writes the backlog
         self._backlog = b""  # bytes that must go out before any later frame
         self._closed = False  # no more frames either way
@@ -342,4 +344,6 @@ class WireTransport:
 
     async def _read(self) -> bytes:
         """The next bytes from the agent; b"" once it has gone."""
-        return await read_some(self._stream, RECEIVE_SIZE)
+        data = await read_some(self._stream, RECEIVE_SIZE, drained=self._drained)
+        self._drained = 0 < len(data) < RECEIVE_SIZE
+        return data
