@@ -15,8 +15,11 @@ the relay's CPU per request, measured with ``relayd bench``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+
+import trio
 
 from relayd.agents.websocket import Receive, Scope, Send
 from relayd.dispatch import Question
@@ -29,6 +32,8 @@ __all__ = ["AskEndpoint"]
 log = logging.getLogger("relayd.api")
 
 _JSON = (b"content-type", b"application/json")
+# How long a refusal waits for the body it came before (see _discard_body).
+DISCARD_WAIT = 2.0
 
 
 class _ClientGone(Exception):
@@ -59,9 +64,11 @@ class AskEndpoint:
         user_id = "-"
         conversation_id = "-"
         settled = False  # False in the finally below: cancelled (the client went away)
+        body_read = False
         try:
             user, user_id = self._gate.user(authorization, address, "/api/ask")
             raw = await self._read_body(receive, declared)
+            body_read = True
             question = self._question(parse_json_object(raw), user_id, is_admin=user is None)
             conversation_id = question.conversation_id or "-"
             answer = await self._state.dispatcher.ask(question)
@@ -83,6 +90,8 @@ class AskEndpoint:
             extra = []
             if error.retry_after is not None:
                 extra.append((b"retry-after", retry_after_header(error.retry_after).encode()))
+            if not body_read:
+                await self._discard_body(receive, declared)
             await _respond(send, status, error_body(error.message), extra)
             return
         finally:
@@ -116,6 +125,21 @@ class AskEndpoint:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+    async def _discard_body(self, receive: Receive, declared: int | None) -> None:
+        """Read and drop a body that a refusal (401, 429) came before.
+
+        Hypercorn keeps a connection alive only if the request was read to its
+        end when the response ends; otherwise it closes it, and a keep-alive
+        client that has already sent its next request sees the connection drop
+        without an answer. So a body of a declared length within
+        ``server.max_body`` is read first, for at most :data:`DISCARD_WAIT`;
+        anything else is left, and the connection closes after the answer.
+        """
+        if declared is None or declared > self._state.config.server.max_body:
+            return
+        with trio.move_on_after(DISCARD_WAIT), contextlib.suppress(_ClientGone, RelayError):
+            await self._read_body(receive, declared)
 
     def _question(self, document: dict[str, object], user_id: str, *, is_admin: bool) -> Question:
         content = document.get("content")

@@ -127,10 +127,10 @@ async def read_some(stream: trio.abc.Stream, max_bytes: int, *, drained: bool = 
 
     ``drained``: the caller's last read took everything there was (it came
     back short of its limit), so this one waits for readability first rather
-    than try a read that would almost surely fail: after a request or an
-    agent's frame the peer waits for an answer, and a failed read is a system
-    call and an exception for nothing. If data is there after all, the wait
-    ends at the event loop's next poll.
+    than try a read that would almost surely fail: after an agent's frame the
+    agent waits for the relay, and a failed read is a system call and an
+    exception for nothing. If data is there after all, the wait ends at the
+    event loop's next poll, one pass through the scheduler later.
     """
     if not isinstance(stream, trio.SocketStream):
         try:
@@ -343,8 +343,11 @@ class GuardedTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         # Hypercorn's loop, with the idle deadline on the read instead of a timer task.
+        # Every read here tries the socket first, even after a short read: the
+        # body of a request often follows its head in a second segment, and
+        # must be read before the app answers, or Hypercorn cannot recycle the
+        # connection and closes it (read_some's drained hint would lose that race).
         first, self._first_bytes = self._first_bytes, None
-        drained = False
         while True:
             if first is not None:
                 data, first = first, None
@@ -352,12 +355,11 @@ class GuardedTCPServer(TCPServer):
                 with trio.CancelScope(deadline=self._read_deadline()) as scope:
                     self._read_scope = scope
                     try:
-                        data = await read_some(self.stream, MAX_RECV, drained=drained)
+                        data = await read_some(self.stream, MAX_RECV)
                     finally:
                         self._read_scope = None
                 if scope.cancelled_caught:
                     break  # idle for keep_alive_timeout
-            drained = 0 < len(data) < MAX_RECV
             await self.protocol.handle(RawData(data))
             if data == b"" or self._websocket_refused():
                 break

@@ -256,3 +256,29 @@ async def test_stop_signal_exits_0(relayd: Relayd, signum: int) -> None:
     assert f"received {signal.Signals(signum).name}, stopping" in log
     assert "relayd stopped" in log
     assert "Traceback" not in log
+
+
+async def test_a_refusal_before_the_body_keeps_the_connection_alive(relayd: Relayd) -> None:
+    """A 401 decided from the head alone must still read the body that follows
+    (here in a second segment, 50 ms later): Hypercorn closes a connection whose
+    request was not read to its end, and a keep-alive client whose next request
+    is already on its way would see the connection drop without an answer."""
+    body_bytes = b'{"content": "hello"}'
+    head = (
+        b"POST /api/ask HTTP/1.1\r\nHost: relayd\r\nAuthorization: Bearer wrong\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body_bytes)
+    )
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", relayd.port)
+        async with stream:
+            received = b""
+            for _ in range(2):
+                await stream.send_all(head)
+                await trio.sleep(0.05)
+                await stream.send_all(body_bytes)
+                while received.count(b"HTTP/1.1 401") < _ + 1 or not received.endswith(b"}"):
+                    chunk = await stream.receive_some()
+                    assert chunk, f"connection closed after {received.count(b'HTTP/1.1 ')} answers"
+                    received += chunk
+            assert received.count(b"HTTP/1.1 401") == 2
+            assert b"connection: close" not in received.lower()
