@@ -138,28 +138,24 @@ async def read_some(stream: trio.abc.Stream, max_bytes: int, *, drained: bool = 
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
     waited = False
-    if drained:
-        if stream.socket.fileno() < 0:  # closed under us (a write cut short)
-            return b""
-        try:
-            await trio.lowlevel.wait_readable(stream.socket)
-        except trio.ClosedResourceError:
-            return b""
-        waited = True
+    read_now = not drained
     while True:
         descriptor = stream.socket.fileno()
         if descriptor < 0:  # closed under us (a write cut short)
             return b""
-        try:
-            data = os.read(descriptor, max_bytes)
-        except BlockingIOError:
-            data = None  # wait outside the handler: it would keep the exception alive
-        except OSError:  # reset
-            return b""
+        data = None
+        if read_now:
+            try:
+                data = os.read(descriptor, max_bytes)
+            except BlockingIOError:
+                pass  # wait outside the handler: it would keep the exception alive
+            except OSError:  # reset
+                return b""
         if data is not None:
             if not waited:
                 await trio.lowlevel.checkpoint()  # data was there: still let others run
             return data
+        read_now = True
         try:
             await trio.lowlevel.wait_readable(stream.socket)
         except trio.ClosedResourceError:

@@ -161,7 +161,6 @@ async def test_helpers_are_stopped_and_resumed() -> None:
                 break
             await trio.sleep(0.01)
         assert state_of(child.pid) == "T"
-        _signal([child.pid], load_module.signal.SIGSTOP, unless=True)  # its own turn
         _signal([child.pid], load_module.signal.SIGCONT)
         for _ in range(100):
             if state_of(child.pid) != "T":

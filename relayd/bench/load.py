@@ -48,6 +48,7 @@ __all__ = [
     "Load",
     "LoadPhase",
     "bench_cpu_seconds",
+    "cpu_seconds_of",
 ]
 
 log = logging.getLogger("relayd.bench")
@@ -73,6 +74,11 @@ def bench_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def cpu_seconds_of(pids: Sequence[int]) -> float:
+    """CPU seconds used so far by processes ``pids`` together (0 for one that is gone)."""
+    return sum(read_cpu_seconds(pid) or 0.0 for pid in pids)
+
+
 @dataclass(frozen=True)
 class CpuSnapshot:
     """CPU seconds so far: the server's (used, waited for), this process's, the machine's."""
@@ -89,7 +95,7 @@ class CpuSnapshot:
         return cls(
             server.cpu_seconds() if server else None,
             server.cpu_wait_seconds() if server else None,
-            bench_cpu_seconds() + sum(read_cpu_seconds(pid) or 0.0 for pid in helpers),
+            bench_cpu_seconds() + cpu_seconds_of(helpers),
             read_system_busy_seconds(),
             time.monotonic(),
         )
@@ -286,7 +292,8 @@ class LoadPhase:
                     for load in turns:
                         if stopping:
                             for other in loads:
-                                _signal(other.helpers, signal.SIGSTOP, unless=other is load)
+                                if other is not load:
+                                    _signal(other.helpers, signal.SIGSTOP)
                             if load.helpers:
                                 _signal(load.helpers, signal.SIGCONT)
                                 await _caught_up(load.helpers)
@@ -420,22 +427,17 @@ async def _caught_up(pids: list[int]) -> None:
     """Return once ``pids``, just resumed, have worked off what piled up (their CPU
     use drops to a steady trickle), or after :data:`CATCH_UP_LIMIT` seconds."""
 
-    def used() -> float:
-        return sum(read_cpu_seconds(pid) or 0.0 for pid in pids)
-
     with trio.move_on_after(CATCH_UP_LIMIT):
-        before = used()
+        before = cpu_seconds_of(pids)
         while True:
             await trio.sleep(CATCH_UP_STEP)
-            now = used()
+            now = cpu_seconds_of(pids)
             if now - before < CAUGHT_UP * CATCH_UP_STEP:
                 return
             before = now
 
 
-def _signal(pids: list[int], number: signal.Signals, *, unless: bool = False) -> None:
-    if unless:
-        return
+def _signal(pids: list[int], number: signal.Signals) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, number)

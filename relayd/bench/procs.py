@@ -194,24 +194,19 @@ class CpuPlan:
     def pinned(cls, pin: bool) -> Iterator[CpuPlan]:
         """Servers on the highest-numbered CPU this process may use, the bench on the
         rest: this process is moved there (its children inherit it) until the end."""
-        if not pin or not hasattr(os, "sched_setaffinity"):
-            yield cls()
-            return
-        available = os.sched_getaffinity(0)
-        if len(available) < 2:
-            yield cls()
-            return
-        servers = frozenset({max(available)})
-        bench = frozenset(available - servers)
+        available = os.sched_getaffinity(0) if pin and hasattr(os, "sched_setaffinity") else set()
+        plan = cls()
+        if len(available) >= 2:
+            servers = frozenset({max(available)})
+            bench = frozenset(available - servers)
+            with contextlib.suppress(OSError):  # not allowed here: no pinning
+                os.sched_setaffinity(0, bench)
+                plan = cls(servers, bench)
         try:
-            os.sched_setaffinity(0, bench)
-        except OSError:
-            yield cls()
-            return
-        try:
-            yield cls(servers, bench)
+            yield plan
         finally:
-            os.sched_setaffinity(0, available)
+            if plan.servers:
+                os.sched_setaffinity(0, available)
 
     def place_server(self, pid: int) -> None:
         if self.servers:

@@ -369,12 +369,17 @@ class Bench:
     async def connect(
         self, nursery: trio.Nursery, fleet: Fleet, number: int, result: ScenarioResult, what: str
     ) -> None:
+        await fleet.start(nursery, number, on_progress=self.connecting(result, what))
+        self.note_failures(result, fleet.failed, number, fleet.failures, what)
+
+    def connecting(self, result: ScenarioResult, what: str) -> Callable[[int, int], None]:
+        """A progress callback for connecting ``what`` (every 50th, and the last)."""
+
         def shown(done: int, total: int) -> None:
             if done == total or done % 50 == 0:
                 self.progress(f"{result.name}: connecting {what} {done}/{total}")
 
-        await fleet.start(nursery, number, on_progress=shown)
-        self.note_failures(result, fleet.failed, number, fleet.failures, what)
+        return shown
 
     @staticmethod
     def note_failures(
@@ -391,10 +396,6 @@ class Bench:
     ) -> AsyncIterator[BusyAgents]:
         """wide-dispatch's agents that never answer, connected from a child process."""
         what = "busy agents"
-
-        def shown(done: int, total: int) -> None:
-            self.progress(f"{result.name}: connecting {what} {done}/{total}")
-
         number = result.idle_agents
         log_path = self.workdir / f"{result.name}-busy-agents.log"
         async with busy_agents(
@@ -403,7 +404,7 @@ class Bench:
             number,
             self.tracker,
             log_path,
-            on_progress=shown,
+            on_progress=self.connecting(result, what),
         ) as sinks:
             self.note_failures(result, sinks.failed, number, sinks.failures, what)
             yield sinks

@@ -207,14 +207,11 @@ def _say(line: str) -> None:
 
 
 async def _serve(say: Callable[[str], None]) -> None:
-    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    buffer = b""
-    while b"\n" not in buffer:
-        chunk = await stdin.receive_some()
-        if not chunk:
-            return  # the parent went away before saying what to do
-        buffer += chunk
-    spec = json.loads(buffer.partition(b"\n")[0])
+    lines = _lines(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))
+    first = await anext(lines, None)
+    if first is None:
+        return  # the parent went away before saying what to do
+    spec = json.loads(first)
     number = int(spec["number"])
     fleet = Fleet(spec["url"], bench_handler(_ReachReporter(say), answer=False))
     fleet.headers = [
@@ -234,7 +231,7 @@ async def _serve(say: Callable[[str], None]) -> None:
         gc.collect()
         gc.freeze()
         gc.set_threshold(YOUNG_THRESHOLD)
-        while await stdin.receive_some():
+        async for _ in lines:  # nothing more comes: stdin's end is the signal to stop
             pass
         nursery.cancel_scope.cancel()
 
