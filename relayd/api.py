@@ -226,14 +226,17 @@ def agent_endpoint(state: RelayState) -> AgentEndpoint:
     return AgentEndpoint(state.dispatcher, lambda: state.agent_keys, state.throttle)
 
 
-def create_asgi_app(state: RelayState, agents: AgentEndpoint | None = None) -> AsgiApp:
+def create_asgi_app(
+    state: RelayState, agents: AgentEndpoint | None = None, ask: AskEndpoint | None = None
+) -> AsgiApp:
     """The whole server: ``/api/ask`` and agent WebSockets served bare (the hot
-    paths), everything else by Quart."""
+    paths), everything else by Quart. The daemon passes the endpoints it also
+    serves on the wire path."""
     quart_app = create_app(state)
     if agents is None:
         agents = agent_endpoint(state)
-
-    ask = AskEndpoint(state)
+    if ask is None:
+        ask = AskEndpoint(state)
 
     def relayd_app(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # Returns the handler's coroutine rather than awaiting it: one frame fewer

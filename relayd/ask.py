@@ -1,16 +1,20 @@
-"""``POST /api/ask`` as a bare ASGI endpoint: the relay's hot path.
+"""``POST /api/ask``: the relay's hot path.
 
 Every client request passes here, so it skips Quart's request and response
 machinery (a measured share of the relay's CPU; see the README's Performance
-section) and speaks ASGI directly. It keeps the API's contract: the body is
-JSON whatever the Content-Type, every error is ``{"error": ...}`` with the
-status of :data:`relayd.web.STATUS`, credentials go through the same
+section). :meth:`AskEndpoint.answer` does the work for both ways a request
+arrives: usually on the wire path (:mod:`relayd.ask_wire`, no Hypercorn at
+all), otherwise through Hypercorn, with the endpoint called as a bare ASGI
+application. Either way it keeps the API's contract: the body is JSON
+whatever the Content-Type, every error is ``{"error": ...}`` with the status
+of :data:`relayd.web.STATUS`, credentials go through the same
 :class:`~relayd.web.Gate` as the Quart routes.
 
-When the client disconnects, the server loop cancels this handler at once
-(``relayd.hypercorn_fixes``), so an abandoned request frees its place in the
-queue and its socket without a watcher task per request (which cost 15 % of
-the relay's CPU per request, measured with ``relayd bench``).
+When the client disconnects, its request is cancelled at once (by the wire
+path's connection task, or by the server loop in ``relayd.hypercorn_fixes``),
+so an abandoned request frees its place in the queue and its socket without a
+watcher task per request (which cost 15 % of the relay's CPU per request,
+measured with ``relayd bench``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -27,7 +33,7 @@ from relayd.errors import BadRequest, PayloadTooLarge, RelayError, retry_after_h
 from relayd.state import RelayState
 from relayd.web import Gate, error_body, optional_string, parse_json_object, status_of
 
-__all__ = ["AskEndpoint"]
+__all__ = ["AskEndpoint", "ClientGone", "Reply"]
 
 log = logging.getLogger("relayd.api")
 
@@ -36,47 +42,54 @@ _JSON = (b"content-type", b"application/json")
 DISCARD_WAIT = 2.0
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The client disconnected before its request was complete."""
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer to ``/api/ask``: status, JSON body, headers beyond the usual."""
+
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+BodySource = bytes | Callable[[], Awaitable[bytes]]
+
+
 class AskEndpoint:
-    """The ASGI application for ``/api/ask`` (HTTP scopes only)."""
+    """``/api/ask``: :meth:`answer` serves both the wire path
+    (:mod:`relayd.ask_wire`) and, called as an ASGI application, Hypercorn's."""
 
     def __init__(self, state: RelayState) -> None:
         self._state = state
         self._gate = Gate(state)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] != "POST":
-            body = error_body(f"method {scope['method']} not allowed on /api/ask")
-            await _respond(send, 405, body, [(b"allow", b"POST")])
-            return
-        client = scope.get("client")
-        address = client[0] if client else "unix"
-        authorization = None
-        declared: int | None = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-            elif name == b"content-length" and value.isdigit():
-                declared = int(value)
+    @property
+    def max_body(self) -> int:
+        return self._state.config.server.max_body
+
+    async def answer(self, authorization: str | None, address: str, body: BodySource) -> Reply:
+        """Check the credentials, read ``body`` (bytes, or a reader called once the
+        credentials pass), ask an agent and say what to answer.
+
+        Raises :class:`ClientGone` when the reader finds the client gone.
+        """
         user_id = "-"
         conversation_id = "-"
         settled = False  # False in the finally below: cancelled (the client went away)
-        body_read = False
         try:
             user, user_id = self._gate.user(authorization, address, "/api/ask")
-            raw = await self._read_body(receive, declared)
-            body_read = True
+            raw = body if isinstance(body, bytes) else await body()
             question = self._question(parse_json_object(raw), user_id, is_admin=user is None)
             conversation_id = question.conversation_id or "-"
             answer = await self._state.dispatcher.ask(question)
             settled = True
-        except _ClientGone:
+        except ClientGone:
             settled = True
             log.debug("client went away, request abandoned: user=%s", user_id)
-            return
+            raise
         except RelayError as error:
             settled = True
             status = status_of(error)
@@ -90,26 +103,51 @@ class AskEndpoint:
             extra = []
             if error.retry_after is not None:
                 extra.append((b"retry-after", retry_after_header(error.retry_after).encode()))
-            if not body_read:
-                await self._discard_body(receive, declared)
-            await _respond(send, status, error_body(error.message), extra)
-            return
+            return Reply(status, error_body(error.message), extra)
         finally:
             if not settled:
                 log.debug("client went away, request abandoned: user=%s", user_id)
-        body = json.dumps(
-            {
-                "id": answer.id,
-                "response_id": answer.response_id,
-                "conversation_id": answer.conversation_id,
-                "content": answer.content,
-                "error": "",
-            }
-        ).encode()
-        await _respond(send, 200, body)
+        document = {
+            "id": answer.id,
+            "response_id": answer.response_id,
+            "conversation_id": answer.conversation_id,
+            "content": answer.content,
+            "error": "",
+        }
+        return Reply(200, json.dumps(document).encode(), [])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI application (HTTP scopes only)."""
+        if scope["method"] != "POST":
+            body = error_body(f"method {scope['method']} not allowed on /api/ask")
+            await _respond(send, Reply(405, body, [(b"allow", b"POST")]))
+            return
+        client = scope.get("client")
+        authorization = None
+        declared: int | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"content-length" and value.isdigit():
+                declared = int(value)
+        body_read = False
+
+        async def read_body() -> bytes:
+            nonlocal body_read
+            raw = await self._read_body(receive, declared)
+            body_read = True
+            return raw
+
+        try:
+            reply = await self.answer(authorization, client[0] if client else "unix", read_body)
+        except ClientGone:
+            return
+        if not body_read:
+            await self._discard_body(receive, declared)
+        await _respond(send, reply)
 
     async def _read_body(self, receive: Receive, declared: int | None) -> bytes:
-        limit = self._state.config.server.max_body
+        limit = self.max_body
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"request body larger than server.max_body ({limit} bytes)")
         chunks = []
@@ -117,7 +155,7 @@ class AskEndpoint:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _ClientGone()
+                raise ClientGone()
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -136,9 +174,9 @@ class AskEndpoint:
         ``server.max_body`` is read first, for at most :data:`DISCARD_WAIT`;
         anything else is left, and the connection closes after the answer.
         """
-        if declared is None or declared > self._state.config.server.max_body:
+        if declared is None or declared > self.max_body:
             return
-        with trio.move_on_after(DISCARD_WAIT), contextlib.suppress(_ClientGone, RelayError):
+        with trio.move_on_after(DISCARD_WAIT), contextlib.suppress(ClientGone, RelayError):
             await self._read_body(receive, declared)
 
     def _question(self, document: dict[str, object], user_id: str, *, is_admin: bool) -> Question:
@@ -158,11 +196,7 @@ class AskEndpoint:
         )
 
 
-async def _respond(
-    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    headers = [_JSON, (b"content-length", str(len(body)).encode())]
-    if extra:
-        headers.extend(extra)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+async def _respond(send: Send, reply: Reply) -> None:
+    headers = [_JSON, (b"content-length", str(len(reply.body)).encode()), *reply.headers]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})

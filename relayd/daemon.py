@@ -27,7 +27,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -36,10 +36,11 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIFramework
 
 from relayd import logs
-from relayd.agents.websocket import AgentEndpoint
 from relayd.api import AsgiApp, agent_endpoint, create_asgi_app
+from relayd.ask import AskEndpoint
+from relayd.ask_wire import AskWire
 from relayd.config import Config, ConfigError
-from relayd.hypercorn_fixes import serve
+from relayd.hypercorn_fixes import Takeover, serve
 from relayd.protocol import CloseCode
 from relayd.state import RelayState, Snapshot, load_agent_keys
 from relayd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
@@ -127,10 +128,13 @@ class Daemon:
                 served = trio.Event()
                 binds = self._binds()
                 agents = agent_endpoint(self.state)
-                app = create_asgi_app(self.state, agents)
+                ask = AskEndpoint(self.state)
+                app = create_asgi_app(self.state, agents, ask)
                 hc = hypercorn_config(self.state.config, binds)
+                # Agents' WebSockets and /api/ask clients go on the wire path.
+                takeovers = (agents, AskWire(ask))
                 bound: list[str] = await root.start(
-                    self._serve, app, agents, hc, stop_serving, served
+                    self._serve, app, takeovers, hc, stop_serving, served
                 )
                 self.listening = ", ".join(bound)
                 tune_gc()
@@ -159,7 +163,7 @@ class Daemon:
     async def _serve(
         self,
         app: AsgiApp,
-        agents: AgentEndpoint,
+        takeovers: Sequence[Takeover],
         hc: HypercornConfig,
         stop: trio.Event,
         served: trio.Event,
@@ -173,7 +177,7 @@ class Daemon:
                 framework,
                 hc,
                 shutdown_trigger=stop.wait,
-                takeover=agents,  # agent WebSockets on the wire path
+                takeovers=takeovers,
                 task_status=task_status,
             )
         finally:

@@ -41,7 +41,9 @@ listeners (relayd does not terminate TLS itself). What it fixes:
    and its app cancelled.
 
 Beyond fixes: a :class:`Takeover` may serve a connection itself, chosen by
-its first request head (relayd's agent WebSockets, :mod:`relayd.agents.wire`);
+its first request head (relayd's agent WebSockets, :mod:`relayd.agents.wire`,
+and its ``/api/ask`` clients, :mod:`relayd.ask_wire`), and hand it back to
+Hypercorn later;
 socket writes take what the socket accepts at once with one system call
 (:func:`write_now`) and reads skip trio's extra pass through the scheduler
 (:func:`read_some`); each connection has a lean mutex instead of Hypercorn's
@@ -53,7 +55,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, cast
 
@@ -79,6 +82,7 @@ __all__ = [
     "MAX_HEAD",
     "WRITE_TIMEOUT",
     "GuardedTCPServer",
+    "ServerTerms",
     "Takeover",
     "WriteLimits",
     "read_some",
@@ -221,12 +225,22 @@ class WriteLimits:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class ServerTerms:
+    """What a connection a :class:`Takeover` serves must keep to, as Hypercorn's do."""
+
+    writes: WriteLimits
+    keep_alive_timeout: float  # how long a connection may sit idle between requests
+    stopping: Callable[[], bool]  # the server is shutting down: no new keep-alive cycles
+
+
 class Takeover(Protocol):
     """Serves some connections instead of Hypercorn, chosen by their first request.
 
-    relayd's agent WebSockets are served this way (:mod:`relayd.agents.wire`):
-    one task and no ASGI layers per agent. A connection not claimed goes to
-    Hypercorn with the bytes already read, so declining is always safe.
+    relayd's agent WebSockets (:mod:`relayd.agents.wire`) and its ``/api/ask``
+    clients (:mod:`relayd.ask_wire`) are served this way: no ASGI layers, no
+    h11 state machine. A connection not claimed goes to Hypercorn with the
+    bytes already read, so declining is always safe.
     """
 
     def wants(self, first_bytes: bytes) -> bool:
@@ -237,11 +251,14 @@ class Takeover(Protocol):
         head: bytes,
         stream: trio.SocketStream,
         client: tuple[str, int] | None,
-        writes: WriteLimits,
-    ) -> Awaitable[None] | None:
+        terms: ServerTerms,
+    ) -> Awaitable[bytes | None] | None:
         """The coroutine that serves the connection, or None to leave it to Hypercorn.
 
-        It may use ``stream`` until it returns; the server closes it afterwards.
+        It may use ``stream`` until it returns. It returns None when the
+        connection is over (the server closes it), or the bytes it read and
+        did not serve: Hypercorn then serves the rest of the connection,
+        starting with them.
         """
 
 
@@ -249,11 +266,11 @@ class GuardedTCPServer(TCPServer):
     """One connection: errors confined, idle time bounded, writes bounded."""
 
     def __init__(
-        self, *args: Any, writes: WriteLimits, takeover: Takeover | None = None, **kwargs: Any
+        self, *args: Any, writes: WriteLimits, takeovers: Sequence[Takeover] = (), **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
         self._writes = writes
-        self._takeover = takeover
+        self._takeovers = takeovers
         # Hypercorn's trio.Lock does the same job for much more memory per agent.
         self.send_lock = LeanLock()  # type: ignore[assignment]
         self._idle_since: float | None = trio.current_time()  # idle until a request starts
@@ -262,20 +279,23 @@ class GuardedTCPServer(TCPServer):
 
     async def run(self) -> None:
         try:
-            if self._takeover is not None:
-                head = await self._read_head(self._takeover)
-                # Hypercorn types the stream for TLS too; serve() accepts plain sockets only.
-                stream = cast("trio.SocketStream", self.stream)
-                client = parse_socket_addr(stream.socket.family, stream.socket.getpeername())
-                served = self._takeover.claim(head, stream, client, self._writes)
+            if self._takeovers:
+                head = await self._read_head()
+                served = self._claim(head)
+                first: bytes | None = head  # b"": the peer closed or said nothing in time
                 if served is not None:
+                    rest: bytes | None = None
                     try:
-                        await served
+                        rest = await served
                     finally:
-                        with trio.CancelScope(shield=True):
-                            await trio.aclose_forcefully(self.stream)
-                    return
-                self._first_bytes = head
+                        if rest is None:  # also when served raised
+                            with trio.CancelScope(shield=True):
+                                await trio.aclose_forcefully(self.stream)
+                    if rest is None:
+                        return
+                    self._idle_since = trio.current_time()
+                    first = rest or None  # None: Hypercorn reads from the socket
+                self._first_bytes = first
             await super().run()
         except OSError:
             with trio.CancelScope(shield=True):
@@ -290,21 +310,36 @@ class GuardedTCPServer(TCPServer):
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
 
-    async def _read_head(self, takeover: Takeover) -> bytes:
-        """The connection's first bytes: its whole request head if ``takeover`` wants it.
+    async def _read_head(self) -> bytes:
+        """The connection's first bytes: its whole request head if a takeover wants it.
 
         b"" if the peer closed or sent nothing within the idle allowance.
         """
         data = b""
         with trio.CancelScope(deadline=self._read_deadline()):
             data = await read_some(self.stream, MAX_RECV)
-            if takeover.wants(data):
+            if any(takeover.wants(data) for takeover in self._takeovers):
                 while b"\r\n\r\n" not in data and len(data) < MAX_HEAD:
                     more = await read_some(self.stream, MAX_RECV)
                     if not more:
                         break
                     data += more
         return data
+
+    def _claim(self, head: bytes) -> Awaitable[bytes | None] | None:
+        """What serves the connection instead of Hypercorn, if a takeover claims it."""
+        # Hypercorn types the stream for TLS too; serve() accepts plain sockets only.
+        stream = cast("trio.SocketStream", self.stream)
+        client = parse_socket_addr(stream.socket.family, stream.socket.getpeername())
+        terms = ServerTerms(
+            self._writes, self.config.keep_alive_timeout, self.context.terminated.is_set
+        )
+        for takeover in self._takeovers:
+            if takeover.wants(head):
+                served = takeover.claim(head, stream, client, terms)
+                if served is not None:
+                    return served
+        return None
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, Updated):
@@ -392,12 +427,12 @@ async def serve(
     config: Config,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
-    takeover: Takeover | None = None,
+    takeovers: Sequence[Takeover] = (),
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` like ``hypercorn.trio.serve``, with :class:`GuardedTCPServer`.
 
-    Connections that ``takeover`` claims are served by it instead of Hypercorn.
+    Connections that one of ``takeovers`` claims are served by it instead of Hypercorn.
 
     ``task_status.started(binds)`` once every socket listens; returns after a
     graceful shutdown (``shutdown_trigger`` returned, then up to
@@ -429,7 +464,7 @@ async def serve(
                 context,
                 ConnectionState(lifespan_state.copy()),
                 writes=writes,
-                takeover=takeover,
+                takeovers=takeovers,
             )
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:

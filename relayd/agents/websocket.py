@@ -33,7 +33,7 @@ from relayd.agents.upgrade import (
     refusal_response,
 )
 from relayd.agents.wire import WireTransport
-from relayd.hypercorn_fixes import WriteLimits
+from relayd.hypercorn_fixes import ServerTerms, WriteLimits
 from relayd.throttle import FailureThrottle
 
 __all__ = ["AgentEndpoint", "AsgiTransport", "Refusal", "deny_websocket"]
@@ -164,7 +164,7 @@ class AgentEndpoint:
         head: bytes,
         stream: trio.SocketStream,
         client: tuple[str, int] | None,
-        writes: WriteLimits,
+        terms: ServerTerms,
     ) -> Awaitable[None] | None:
         """Serve an agent's connection directly, if ``head`` is a clean agent upgrade.
 
@@ -173,6 +173,7 @@ class AgentEndpoint:
         upgrade = parse_agent_upgrade(head)
         if upgrade is None:
             return None
+        writes = terms.writes
         if upgrade.early_data:
             log.info("agent upgrade refused: data before the 101 remote=%s", _remote(client))
             return _send_refusal(

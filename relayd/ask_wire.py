@@ -1,0 +1,235 @@
+"""``POST /api/ask`` clients served straight over their socket, without Hypercorn.
+
+Through Hypercorn, each request passed h11's state machine, a stream object,
+ASGI message dicts and an app task with its queue: together about half of
+relayd's CPU per request, on the path of every request (``relayd bench``
+profiles; see the commit that introduced this module). A connection whose
+first request is a plain ``POST /api/ask`` (:func:`relayd.http1.parse_ask_head`)
+is served here instead: its task reads and parses requests, and each answer
+is worked out by :meth:`relayd.ask.AskEndpoint.answer`, the same code as on
+Hypercorn's path, in a task of its own.
+
+That second task lets the connection's task keep reading while an agent
+works, so that a client who disconnects has its request cancelled at once
+(as ``relayd.hypercorn_fixes`` does for Hypercorn's connections), and its
+place in the queue freed. A request that arrives before the previous answer
+(HTTP pipelining) waits for it; answers go out in order.
+
+What Hypercorn did and this does too: keep-alive, with the idle allowance of
+``server.idle_timeout`` between requests (a request head must be complete
+within it); ``Connection: close``; ``Expect: 100-continue`` (curl sends it for
+larger bodies); a ``Date`` header; ``Connection: close`` on every answer once
+shutdown has begun; bounded writes (:class:`~relayd.hypercorn_fixes.WriteLimits`).
+One thing more: a request body that stalls for ``server.idle_timeout`` ends
+the connection (Hypercorn waits for a stalled body forever).
+
+The first request on the connection that is not a plain ``POST /api/ask``
+(another route, a chunked body, a body over ``server.max_body``, anything
+unusual) hands the connection back to Hypercorn with every byte unread, and
+Hypercorn serves it from then on, exactly as it would have from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable
+
+import trio
+
+from relayd.ask import AskEndpoint, Reply
+from relayd.http1 import (
+    CONTINUE,
+    AskHead,
+    HttpDate,
+    NotSimple,
+    may_be_ask,
+    parse_ask_head,
+    response_bytes,
+)
+from relayd.hypercorn_fixes import ServerTerms, read_some
+from relayd.web import error_body
+
+__all__ = ["AskConnection", "AskWire"]
+
+log = logging.getLogger("relayd.api")
+
+RECEIVE_SIZE = 2**16
+
+
+class AskWire:
+    """The :class:`~relayd.hypercorn_fixes.Takeover` for ``/api/ask`` clients."""
+
+    def __init__(self, endpoint: AskEndpoint) -> None:
+        self._endpoint = endpoint
+        self._date = HttpDate()
+
+    def wants(self, first_bytes: bytes) -> bool:
+        return may_be_ask(first_bytes)
+
+    def claim(
+        self,
+        head: bytes,
+        stream: trio.SocketStream,
+        client: tuple[str, int] | None,
+        terms: ServerTerms,
+    ) -> Awaitable[bytes | None] | None:
+        try:
+            parse_ask_head(head, self._endpoint.max_body)
+        except NotSimple:
+            return None
+        return AskConnection(self._endpoint, stream, client, terms, self._date).run(head)
+
+
+class AskConnection:
+    """One client's keep-alive connection, from its first ``POST /api/ask``."""
+
+    __slots__ = (
+        "_address",
+        "_answered",
+        "_date",
+        "_drained",
+        "_endpoint",
+        "_idle_since",
+        "_inbox",
+        "_over",
+        "_read_scope",
+        "_request_scope",
+        "_stream",
+        "_terms",
+    )
+
+    def __init__(
+        self,
+        endpoint: AskEndpoint,
+        stream: trio.abc.Stream,
+        client: tuple[str, int] | None,
+        terms: ServerTerms,
+        date: HttpDate,
+    ) -> None:
+        self._endpoint = endpoint
+        self._stream = stream
+        self._address = client[0] if client else "unix"
+        self._terms = terms
+        self._date = date
+        self._inbox = bytearray()  # read and not yet served
+        self._drained = False  # the last read took all there was (see read_some)
+        self._idle_since = trio.current_time()
+        self._read_scope: trio.CancelScope | None = None  # while the connection's task reads
+        self._request_scope: trio.CancelScope | None = None  # while a request is answered
+        self._answered: trio.Event | None = None  # a pipelined request waits on this
+        self._over = False  # no more requests on this connection
+
+    async def run(self, head: bytes) -> bytes | None:
+        """Serve requests until the connection ends (None) or has one for
+        Hypercorn (the bytes not served)."""
+        self._inbox += head
+        async with trio.open_nursery() as nursery:
+            return await self._serve(nursery)
+
+    async def _serve(self, nursery: trio.Nursery) -> bytes | None:
+        while not self._over:
+            head = await self._next_head()
+            if not isinstance(head, AskHead):
+                return head
+            if not await self._read_body(head):
+                return None
+            body = bytes(self._inbox[head.body_start : head.end])
+            del self._inbox[: head.end]
+            self._request_scope = trio.CancelScope()
+            nursery.start_soon(self._answer, head, body, self._request_scope)
+            await self._watch()
+        return None
+
+    async def _next_head(self) -> AskHead | bytes | None:
+        """The next request's head; the bytes to hand to Hypercorn if it is not
+        a plain ``POST /api/ask``; None if the client left or stayed idle too long."""
+        while True:
+            try:
+                head = parse_ask_head(self._inbox, self._endpoint.max_body)
+            except NotSimple:
+                return bytes(self._inbox)
+            if head is not None:
+                return head
+            data = await self._read(self._idle_since + self._terms.keep_alive_timeout)
+            if not data:
+                return None
+            self._inbox += data
+
+    async def _read_body(self, head: AskHead) -> bool:
+        """Read until the inbox holds the whole body; False if the client left or stalled."""
+        waiting = len(self._inbox) < head.end
+        if waiting and head.expects_continue and not await self._write(CONTINUE):
+            return False
+        while len(self._inbox) < head.end:
+            data = await self._read(trio.current_time() + self._terms.keep_alive_timeout)
+            if not data:
+                return False
+            self._inbox += data
+        return True
+
+    async def _watch(self) -> None:
+        """Read while the request is answered: a client that goes away has its
+        request cancelled; a request sent before the answer waits for it."""
+        if not self._inbox:  # else the next request is here already: no need to read
+            data = await self._read(math.inf)  # the answer sets the idle deadline, or cancels
+            if data is None:  # closed after the answer, or idle too long since
+                self._over = True
+                return
+            if not data:
+                self._over = True
+                if self._request_scope is not None:
+                    self._request_scope.cancel()
+                return
+            self._inbox += data
+        if self._request_scope is not None:
+            self._answered = trio.Event()
+            await self._answered.wait()
+            self._answered = None
+
+    async def _answer(self, head: AskHead, body: bytes, scope: trio.CancelScope) -> None:
+        reply: Reply | None = None
+        with scope:
+            try:
+                reply = await self._endpoint.answer(head.authorization, self._address, body)
+            except Exception:  # isolation boundary: one request
+                log.exception("unhandled error on POST /api/ask")
+                reply = Reply(500, error_body("internal error; see the relayd log"), [])
+                self._over = True
+        if reply is None:  # cancelled: the client has gone
+            return
+        close = self._over or not head.keep_alive or self._terms.stopping()
+        response = response_bytes(
+            reply.status, reply.body, self._date.now(), reply.headers, close=close
+        )
+        written = await self._write(response)
+        self._request_scope = None
+        self._idle_since = trio.current_time()
+        if close or not written:
+            self._over = True
+            if self._read_scope is not None:
+                self._read_scope.cancel()
+        elif self._read_scope is not None:
+            self._read_scope.deadline = self._idle_since + self._terms.keep_alive_timeout
+        if self._answered is not None:
+            self._answered.set()
+
+    async def _write(self, data: bytes) -> bool:
+        # One writer at a time: the connection's task writes only while no
+        # request is answered.
+        return await self._terms.writes.write(self._stream, data)
+
+    async def _read(self, deadline: float) -> bytes | None:
+        """The client's next bytes: b"" once it has gone, None if the wait was
+        cut short (the deadline passed, or the connection is over)."""
+        data = b""
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._read_scope = scope
+            try:
+                data = await read_some(self._stream, RECEIVE_SIZE, drained=self._drained)
+            finally:
+                self._read_scope = None
+        if scope.cancelled_caught:
+            return None
+        self._drained = 0 < len(data) < RECEIVE_SIZE
+        return data

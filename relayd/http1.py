@@ -1,0 +1,172 @@
+"""HTTP/1.1 for ``POST /api/ask`` on the wire path, without I/O.
+
+Every client request is a ``POST /api/ask``, and relayd serves a connection
+that starts with one on its own loop (:mod:`relayd.ask_wire`) rather than
+through Hypercorn, whose per-request machinery (h11's state machine, a stream
+object, ASGI message dicts, a queue) was about half of the relay's CPU per
+request. Like :mod:`relayd.agents.upgrade`, this module need only be right
+about what it accepts: a request head it does not recognise as plain and
+well-formed raises :class:`NotSimple`, and the connection goes to Hypercorn
+with every byte unread, to be answered exactly as it always was.
+
+Plain means: the request line is exactly ``POST /api/ask HTTP/1.1``; every
+header line is ``token: value`` with no control characters and no folding;
+exactly one ``Host``; exactly one ``Content-Length`` (digits only) within
+``server.max_body``; no ``Transfer-Encoding`` and no ``Upgrade``; ``Expect``,
+if present, is ``100-continue``; the head is at most
+:data:`~relayd.hypercorn_fixes.MAX_HEAD` bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+
+from relayd.hypercorn_fixes import MAX_HEAD
+
+__all__ = [
+    "ASK_REQUEST_LINE",
+    "CONTINUE",
+    "AskHead",
+    "HttpDate",
+    "NotSimple",
+    "may_be_ask",
+    "parse_ask_head",
+    "response_bytes",
+]
+
+ASK_REQUEST_LINE = b"POST /api/ask HTTP/1.1\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters other than horizontal tab: never in a field value (RFC 9110, 5.5).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DECLINED = frozenset((b"transfer-encoding", b"upgrade"))
+
+
+class NotSimple(Exception):
+    """A request for Hypercorn to parse and answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class AskHead:
+    """A plain ``POST /api/ask`` request head."""
+
+    authorization: str | None  # the last Authorization header, as ASGI's last one wins
+    body_start: int  # offset of the body in the buffer parsed
+    body_length: int
+    keep_alive: bool  # False when the client sent ``Connection: close``
+    expects_continue: bool  # ``Expect: 100-continue``
+
+    @property
+    def end(self) -> int:
+        """Offset just past the body: where the next request starts."""
+        return self.body_start + self.body_length
+
+
+def may_be_ask(first_bytes: bytes) -> bool:
+    """Whether a connection's first bytes are worth reading the whole head for."""
+    return first_bytes.startswith(ASK_REQUEST_LINE)
+
+
+def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
+    """The request head at the start of ``buffer``, or None if it is not complete yet.
+
+    Raises :class:`NotSimple` as soon as the bytes show that the request is
+    not a plain ``POST /api/ask`` (see the module docstring), including a
+    declared body over ``max_body``: Hypercorn's path answers that with its
+    401 or 413, in the order the API documents.
+    """
+    prefix = len(ASK_REQUEST_LINE)
+    if not buffer.startswith(ASK_REQUEST_LINE[: len(buffer)]):
+        raise NotSimple
+    end = buffer.find(b"\r\n\r\n", prefix - 2)
+    if end < 0:
+        if len(buffer) > MAX_HEAD:
+            raise NotSimple
+        return None
+    if end + 4 > MAX_HEAD:
+        raise NotSimple
+    authorization: str | None = None
+    length: int | None = None
+    hosts = 0
+    keep_alive = True
+    expects_continue = False
+    for line in bytes(buffer[prefix:end]).split(b"\r\n") if end >= prefix else ():
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise NotSimple  # includes obsolete line folding (a line starting with a space)
+        value = value.strip(b" \t")
+        if _CONTROL.search(value):
+            raise NotSimple
+        name = name.lower()
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+        elif name == b"content-length":
+            if length is not None or not value.isdigit():
+                raise NotSimple
+            length = int(value)
+        elif name == b"host":
+            hosts += 1
+        elif name == b"connection":
+            keep_alive &= b"close" not in (token.strip().lower() for token in value.split(b","))
+        elif name == b"expect":
+            if value.lower() != b"100-continue":
+                raise NotSimple
+            expects_continue = True
+        elif name in _DECLINED:
+            raise NotSimple
+    if hosts != 1 or length is None or length > max_body:
+        raise NotSimple
+    return AskHead(authorization, end + 4, length, keep_alive, expects_continue)
+
+
+class HttpDate:
+    """The ``Date`` header's value, formatted once a second rather than per response."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def now(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._value = formatdate(second, usegmt=True).encode("ascii")
+        return self._value
+
+
+_STATUS_LINES = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode("ascii")
+    for status in HTTPStatus
+}
+
+
+def response_bytes(
+    status: int,
+    body: bytes,
+    date: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    close: bool = False,
+) -> bytes:
+    """A whole JSON response: status line, headers and ``body``."""
+    parts = [
+        _STATUS_LINES[status],
+        b"content-type: application/json\r\ncontent-length: ",
+        str(len(body)).encode("ascii"),
+        b"\r\ndate: ",
+        date,
+        b"\r\n",
+    ]
+    for name, value in headers or ():
+        parts += (name, b": ", value, b"\r\n")
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts += (b"\r\n", body)
+    return b"".join(parts)
