@@ -27,9 +27,15 @@ from dataclasses import dataclass
 
 import trio
 
-from relayd.agents.websocket import Receive, Scope, Send
+from relayd.agents.websocket import Message, Receive, Scope, Send
 from relayd.dispatch import Question
-from relayd.errors import BadRequest, PayloadTooLarge, RelayError, retry_after_header
+from relayd.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RelayError,
+    RequestTimeout,
+    retry_after_header,
+)
 from relayd.state import RelayState
 from relayd.web import Gate, error_body, optional_string, parse_json_object, status_of
 
@@ -70,6 +76,31 @@ class AskEndpoint:
     def max_body(self) -> int:
         return self._state.config.server.max_body
 
+    @property
+    def body_timeout(self) -> float:
+        """How long a request body may stop arriving before the request fails (408)."""
+        return self._state.config.server.idle_timeout
+
+    def stalled(self) -> RequestTimeout:
+        return RequestTimeout(
+            f"the request body stopped arriving for server.idle_timeout ({self.body_timeout:g} s)"
+        )
+
+    def failure(self, error: RelayError, user_id: str = "-", conversation_id: str = "-") -> Reply:
+        """The answer to a request that failed with ``error``, logged."""
+        status = status_of(error)
+        log.info(
+            "request failed: status=%d reason=%s user=%s conversation=%s",
+            status,
+            error.message,
+            user_id,
+            conversation_id,
+        )
+        extra = []
+        if error.retry_after is not None:
+            extra.append((b"retry-after", retry_after_header(error.retry_after).encode()))
+        return Reply(status, error_body(error.message), extra)
+
     async def answer(self, authorization: str | None, address: str, body: BodySource) -> Reply:
         """Check the credentials, read ``body`` (bytes, or a reader called once the
         credentials pass), ask an agent and say what to answer.
@@ -92,18 +123,7 @@ class AskEndpoint:
             raise
         except RelayError as error:
             settled = True
-            status = status_of(error)
-            log.info(
-                "request failed: status=%d reason=%s user=%s conversation=%s",
-                status,
-                error.message,
-                user_id,
-                conversation_id,
-            )
-            extra = []
-            if error.retry_after is not None:
-                extra.append((b"retry-after", retry_after_header(error.retry_after).encode()))
-            return Reply(status, error_body(error.message), extra)
+            return self.failure(error, user_id, conversation_id)
         finally:
             if not settled:
                 log.debug("client went away, request abandoned: user=%s", user_id)
@@ -130,19 +150,18 @@ class AskEndpoint:
                 authorization = value.decode("latin-1")
             elif name == b"content-length" and value.isdigit():
                 declared = int(value)
-        body_read = False
+        body_wanted = False
 
-        async def read_body() -> bytes:
-            nonlocal body_read
-            raw = await self._read_body(receive, declared)
-            body_read = True
-            return raw
+        def read_body() -> Awaitable[bytes]:
+            nonlocal body_wanted
+            body_wanted = True
+            return self._read_body(receive, declared)
 
         try:
             reply = await self.answer(authorization, client[0] if client else "unix", read_body)
         except ClientGone:
             return
-        if not body_read:
+        if not body_wanted:  # refused before its body: read it, to keep the connection
             await self._discard_body(receive, declared)
         await _respond(send, reply)
 
@@ -153,7 +172,11 @@ class AskEndpoint:
         chunks = []
         size = 0
         while True:
-            message = await receive()
+            message: Message | None = None
+            with trio.move_on_after(self.body_timeout):
+                message = await receive()
+            if message is None:
+                raise self.stalled()
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             chunk = message.get("body", b"")

@@ -20,8 +20,8 @@ What Hypercorn did and this does too: keep-alive, with the idle allowance of
 within it); ``Connection: close``; ``Expect: 100-continue`` (curl sends it for
 larger bodies); a ``Date`` header; ``Connection: close`` on every answer once
 shutdown has begun; bounded writes (:class:`~relayd.hypercorn_fixes.WriteLimits`).
-One thing more: a request body that stalls for ``server.idle_timeout`` ends
-the connection (Hypercorn waits for a stalled body forever).
+A request body that stops arriving for ``server.idle_timeout`` is answered
+408 and the connection closed (as AskEndpoint does on Hypercorn's path).
 
 The first request on the connection that is not a plain ``POST /api/ask``
 (another route, a chunked body, a body over ``server.max_body``, anything
@@ -157,12 +157,17 @@ class AskConnection:
             self._inbox += data
 
     async def _read_body(self, head: AskHead) -> bool:
-        """Read until the inbox holds the whole body; False if the client left or stalled."""
+        """Read until the inbox holds the whole body; False if the client left,
+        or its body stopped arriving for ``server.idle_timeout`` (answered 408)."""
         waiting = len(self._inbox) < head.end
         if waiting and head.expects_continue and not await self._write(CONTINUE):
             return False
         while len(self._inbox) < head.end:
-            data = await self._read(trio.current_time() + self._terms.keep_alive_timeout)
+            data = await self._read(trio.current_time() + self._endpoint.body_timeout)
+            if data is None:
+                reply = self._endpoint.failure(self._endpoint.stalled())
+                await self._write(self._response(reply, close=True))
+                return False
             if not data:
                 return False
             self._inbox += data
@@ -199,10 +204,7 @@ class AskConnection:
         if reply is None:  # cancelled: the client has gone
             return
         close = self._over or not head.keep_alive or self._terms.stopping()
-        response = response_bytes(
-            reply.status, reply.body, self._date.now(), reply.headers, close=close
-        )
-        written = await self._write(response)
+        written = await self._write(self._response(reply, close=close))
         self._request_scope = None
         self._idle_since = trio.current_time()
         if close or not written:
@@ -213,6 +215,10 @@ class AskConnection:
             self._read_scope.deadline = self._idle_since + self._terms.keep_alive_timeout
         if self._answered is not None:
             self._answered.set()
+
+    def _response(self, reply: Reply, *, close: bool) -> bytes:
+        date = self._date.now()
+        return response_bytes(reply.status, reply.body, date, reply.headers, close=close)
 
     async def _write(self, data: bytes) -> bool:
         # One writer at a time: the connection's task writes only while no

@@ -22,6 +22,7 @@ __all__ = [
     "QueueTimeout",
     "RateLimited",
     "RelayError",
+    "RequestTimeout",
     "ShuttingDown",
     "Unauthorized",
     "UnknownConversation",
@@ -54,6 +55,10 @@ class BadRequest(RelayError):
 
 class PayloadTooLarge(RelayError):
     default_message = "request body too large"
+
+
+class RequestTimeout(RelayError):
+    default_message = "the request body stopped arriving"
 
 
 class Unauthorized(RelayError):

@@ -27,6 +27,7 @@ from relayd.errors import (
     QueueTimeout,
     RateLimited,
     RelayError,
+    RequestTimeout,
     ShuttingDown,
     Unauthorized,
 )
@@ -52,6 +53,7 @@ STATUS: dict[type[RelayError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
+    RequestTimeout: 408,
     PayloadTooLarge: 413,
     RateLimited: 429,
     AgentFailed: 502,

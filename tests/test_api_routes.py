@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
+import trio.testing
 
 from relayd.api import STATUS, create_app, create_asgi_app, status_of
 from relayd.config import Config, parse_config
@@ -31,6 +33,7 @@ from relayd.errors import (
     QueueFull,
     QueueTimeout,
     RateLimited,
+    RequestTimeout,
     ShuttingDown,
     Unauthorized,
     UnknownConversation,
@@ -518,6 +521,7 @@ async def test_ask_authenticates_before_reading_the_body(client: httpx.AsyncClie
         (NotFound(), 404),
         (UnknownConversation(), 404),
         (PayloadTooLarge(), 413),
+        (RequestTimeout(), 408),
         (RateLimited(), 429),
         (AgentFailed(), 502),
         (NoAgent(), 503),
@@ -558,6 +562,43 @@ async def test_ask_chunked_body_over_max_body_is_413(tmp_path: Path) -> None:
         )
         assert "Content-Length" not in response.request.headers
         await expect_error(response, 413, "request body larger than server.max_body (1024 bytes)")
+
+
+@pytest.mark.parametrize("chunks_before_the_stall", [0, 1])
+async def test_ask_body_that_stops_arriving_is_408(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, chunks_before_the_stall: int
+) -> None:
+    """Hypercorn's path: a body that stops for server.idle_timeout fails the request."""
+    state = make_state(tmp_path, parse_config({"server": {"idle_timeout": "7s"}}))
+    app = create_asgi_app(state)
+    sent: list[dict[str, Any]] = []
+    chunks = [{"type": "http.request", "body": b'{"content":', "more_body": True}]
+    chunks = chunks[:chunks_before_the_stall]
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            return chunks.pop(0)
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/ask",
+        "headers": [(b"authorization", ADMIN_KEY.encode()), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 5000),
+    }
+    started = trio.current_time()
+    with trio.fail_after(60):
+        await app(scope, receive, send)
+    assert trio.current_time() - started == pytest.approx(7)
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"]) == {
+        "error": "the request body stopped arriving for server.idle_timeout (7 s)"
+    }
 
 
 # -- throttling of failed authentication -----------------------------------------------------
