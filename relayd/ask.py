@@ -37,9 +37,10 @@ from relayd.errors import (
     retry_after_header,
 )
 from relayd.state import RelayState
+from relayd.users import User
 from relayd.web import Gate, error_body, optional_string, parse_json_object, status_of
 
-__all__ = ["AskEndpoint", "ClientGone", "Reply"]
+__all__ = ["AskEndpoint", "Caller", "ClientGone", "Reply"]
 
 log = logging.getLogger("relayd.api")
 
@@ -62,6 +63,8 @@ class Reply:
 
 
 BodySource = bytes | Callable[[], Awaitable[bytes]]
+# Who is asking: the user (None for the admin key) and the id the log shows.
+Caller = tuple[User | None, str]
 
 
 class AskEndpoint:
@@ -80,6 +83,10 @@ class AskEndpoint:
     def body_timeout(self) -> float:
         """How long a request body may stop arriving before the request fails (408)."""
         return self._state.config.server.idle_timeout
+
+    def caller(self, authorization: str | None, address: str) -> Caller:
+        """Check the credentials; raises RelayError (401, 429)."""
+        return self._gate.user(authorization, address, "/api/ask")
 
     def stalled(self) -> RequestTimeout:
         return RequestTimeout(
@@ -101,9 +108,17 @@ class AskEndpoint:
             extra.append((b"retry-after", retry_after_header(error.retry_after).encode()))
         return Reply(status, error_body(error.message), extra)
 
-    async def answer(self, authorization: str | None, address: str, body: BodySource) -> Reply:
-        """Check the credentials, read ``body`` (bytes, or a reader called once the
-        credentials pass), ask an agent and say what to answer.
+    async def answer(
+        self,
+        authorization: str | None,
+        address: str,
+        body: BodySource,
+        *,
+        caller: Caller | None = None,
+    ) -> Reply:
+        """Check the credentials (unless ``caller`` says they passed already),
+        read ``body`` (bytes, or a reader called once the credentials pass), ask
+        an agent and say what to answer.
 
         Raises :class:`ClientGone` when the reader finds the client gone.
         """
@@ -111,7 +126,7 @@ class AskEndpoint:
         conversation_id = "-"
         settled = False  # False in the finally below: cancelled (the client went away)
         try:
-            user, user_id = self._gate.user(authorization, address, "/api/ask")
+            user, user_id = caller or self.caller(authorization, address)
             raw = body if isinstance(body, bytes) else await body()
             question = self._question(parse_json_object(raw), user_id, is_admin=user is None)
             conversation_id = question.conversation_id or "-"

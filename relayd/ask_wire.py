@@ -34,10 +34,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable
+from typing import Literal
 
 import trio
 
-from relayd.ask import AskEndpoint, Reply
+from relayd.ask import AskEndpoint, Caller, Reply
+from relayd.errors import RelayError
 from relayd.http1 import (
     CONTINUE,
     AskHead,
@@ -132,12 +134,27 @@ class AskConnection:
             head = await self._next_head()
             if not isinstance(head, AskHead):
                 return head
-            if not await self._read_body(head):
+            caller: Caller | None = None
+            if len(self._inbox) < head.end:
+                # The body is still on its way: check the credentials first, as
+                # Hypercorn's path does, so that a refused client hears at once
+                # (and a failure is counted even if the body never comes).
+                try:
+                    caller = self._endpoint.caller(head.authorization, self._address)
+                except RelayError as error:
+                    await self._refuse(head, self._endpoint.failure(error))
+                    continue
+            arrival = await self._receive_body(head)
+            if arrival == "stalled":
+                user_id = caller[1] if caller else "-"
+                reply = self._endpoint.failure(self._endpoint.stalled(), user_id)
+                await self._write(self._response(reply, close=True))
+            if arrival != "whole":
                 return None
             body = bytes(self._inbox[head.body_start : head.end])
             del self._inbox[: head.end]
             self._request_scope = trio.CancelScope()
-            nursery.start_soon(self._answer, head, body, self._request_scope)
+            nursery.start_soon(self._answer, head, body, caller, self._request_scope)
             await self._watch()
         return None
 
@@ -156,22 +173,31 @@ class AskConnection:
                 return None
             self._inbox += data
 
-    async def _read_body(self, head: AskHead) -> bool:
-        """Read until the inbox holds the whole body; False if the client left,
-        or its body stopped arriving for ``server.idle_timeout`` (answered 408)."""
+    async def _receive_body(self, head: AskHead) -> Literal["whole", "gone", "stalled"]:
+        """Read until the inbox holds the whole body: "gone" if the client left
+        first, "stalled" if the body stopped arriving for ``server.idle_timeout``."""
         waiting = len(self._inbox) < head.end
         if waiting and head.expects_continue and not await self._write(CONTINUE):
-            return False
+            return "gone"
         while len(self._inbox) < head.end:
             data = await self._read(trio.current_time() + self._endpoint.body_timeout)
             if data is None:
-                reply = self._endpoint.failure(self._endpoint.stalled())
-                await self._write(self._response(reply, close=True))
-                return False
+                return "stalled"
             if not data:
-                return False
+                return "gone"
             self._inbox += data
-        return True
+        return "whole"
+
+    async def _refuse(self, head: AskHead, reply: Reply) -> None:
+        """Answer a request refused before its body, then read the body and drop it."""
+        # A client that waits for 100 Continue may never send the body: close.
+        close = head.expects_continue or not head.keep_alive or self._terms.stopping()
+        if not await self._write(self._response(reply, close=close)) or close:
+            self._over = True
+        elif await self._receive_body(head) == "whole":
+            del self._inbox[: head.end]
+        else:
+            self._over = True
 
     async def _watch(self) -> None:
         """Read while the request is answered: a client that goes away has its
@@ -192,11 +218,15 @@ class AskConnection:
             await self._answered.wait()
             self._answered = None
 
-    async def _answer(self, head: AskHead, body: bytes, scope: trio.CancelScope) -> None:
+    async def _answer(
+        self, head: AskHead, body: bytes, caller: Caller | None, scope: trio.CancelScope
+    ) -> None:
         reply: Reply | None = None
         with scope:
             try:
-                reply = await self._endpoint.answer(head.authorization, self._address, body)
+                reply = await self._endpoint.answer(
+                    head.authorization, self._address, body, caller=caller
+                )
             except Exception:  # isolation boundary: one request
                 log.exception("unhandled error on POST /api/ask")
                 reply = Reply(500, error_body("internal error; see the relayd log"), [])

@@ -42,6 +42,8 @@ ASK_REQUEST_LINE = b"POST /api/ask HTTP/1.1\r\n"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Digits of the largest Content-Length parsed here (server.max_body is at most 1 GiB).
+_MAX_LENGTH_DIGITS = 18
 # Control characters other than horizontal tab: never in a field value (RFC 9110, 5.5).
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DECLINED = frozenset((b"transfer-encoding", b"upgrade"))
@@ -106,7 +108,7 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
         if name == b"authorization":
             authorization = value.decode("latin-1")
         elif name == b"content-length":
-            if length is not None or not value.isdigit():
+            if length is not None or not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
                 raise NotSimple
             length = int(value)
         elif name == b"host":

@@ -4,7 +4,9 @@
 with the same JSON relayd sends (``id``, ``response_id``, ``conversation_id``,
 ``content`` = ``"echo:" + content``, ``error``), parsing the body as relayd
 does, and nothing else: no framework, no authentication, no agent. What it
-achieves on a machine is the ceiling any relayd route can reach there.
+achieves on a machine is the ceiling of any route served through Hypercorn
+there; relayd serves ``/api/ask`` keep-alive connections on its own loop
+(:mod:`relayd.ask_wire`), so its relay scenarios can pass it.
 
 It serves with ``hypercorn.trio.serve`` and the Hypercorn settings relayd uses
 (``--server guarded`` serves with relayd's own :func:`relayd.hypercorn_fixes.serve`

@@ -195,7 +195,7 @@ class Bench:
         settings = self.settings
         result = ScenarioResult(
             name,
-            "bare ASGI app on Hypercorn's trio worker (the ceiling of any relayd route)",
+            "bare ASGI app on Hypercorn's trio worker (the ceiling of a route through Hypercorn)",
             server="baseline",
         )
         counts = self.fit(result, {"clients": settings.scaled(default_clients, settings.clients)})
