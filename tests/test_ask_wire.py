@@ -30,6 +30,7 @@ from relayd.ask_wire import AskConnection, AskWire
 from relayd.errors import Unauthorized
 from relayd.http1 import CONTINUE, HttpDate
 from relayd.hypercorn_fixes import WRITE_TIMEOUT, ServerTerms, WriteLimits
+from tests.raw_http import RawClient, Response
 
 KEEP_ALIVE = 10.0  # the connection's keep_alive_timeout (virtual seconds)
 # The endpoint's body_timeout: relayd uses server.idle_timeout for both; the tests
@@ -128,82 +129,6 @@ class FakeEndpoint:
 # -- the client's end --------------------------------------------------------------------
 
 
-@dataclass
-class Response:
-    status_line: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-    @property
-    def status(self) -> int:
-        return int(self.status_line.split(b" ")[1])
-
-    def header(self, name: bytes) -> bytes | None:
-        values = [value for key, value in self.headers if key == name]
-        assert len(values) <= 1, self.headers
-        return values[0] if values else None
-
-    @property
-    def names(self) -> list[bytes]:
-        return [name for name, _ in self.headers]
-
-    def json(self) -> object:
-        return json.loads(self.body)
-
-
-class Client:
-    """The client's half of the stream, with a parser for the responses it reads."""
-
-    def __init__(self, stream: Stream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def _fill(self) -> None:
-        data = await self.stream.receive_some()
-        if not data:
-            raise AssertionError(f"the connection ended; unparsed: {self.buffer!r}")
-        self.buffer += data
-
-    async def read_exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            await self._fill()
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    async def response(self) -> Response:
-        """The next response (Content-Length framing, as relayd always sends)."""
-        while b"\r\n\r\n" not in self.buffer:
-            await self._fill()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        status_line, *lines = head.split(b"\r\n")
-        headers = []
-        for line in lines:
-            name, _, value = line.partition(b": ")
-            assert name == name.lower() and name and value, line
-            headers.append((name, value))
-        response = Response(status_line, headers, b"")
-        length = response.header(b"content-length")
-        assert length is not None, head
-        response.body = await self.read_exactly(int(length))
-        return response
-
-    async def rest(self) -> bytes:
-        """Everything until the server's end closes (bounded by the caller's fail_after)."""
-        data, self.buffer = self.buffer, b""
-        while piece := await self.stream.receive_some():
-            data += piece
-        return data
-
-    async def nothing_yet(self) -> bool:
-        """Whether the server has written nothing unread (lets every task run first)."""
-        with trio.move_on_after(1):
-            self.buffer += await self.stream.receive_some()
-        return not self.buffer
-
-
 # -- requests ----------------------------------------------------------------------------
 
 
@@ -252,7 +177,7 @@ class Setup:
     nursery: trio.Nursery
     endpoint: FakeEndpoint
     server: Stream
-    client: Client
+    client: RawClient
     stopping: list[bool]
 
     def terms(self, keep_alive: float = KEEP_ALIVE) -> ServerTerms:
@@ -293,14 +218,23 @@ async def setup(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> AsyncIterator[Setup]:
     server, client = trio.testing.memory_stream_pair()
-    yield Setup(nursery, FakeEndpoint(), server, Client(client), [False])
+    yield Setup(nursery, FakeEndpoint(), server, RawClient(client), [False])
     await trio.aclose_forcefully(server)
     await trio.aclose_forcefully(client)
+
+
+async def one_answered(setup: Setup) -> Served:
+    """A connection started with one request, and its answer read."""
+    served = setup.start(ask(b"one"))
+    with trio.fail_after(LIMIT):
+        assert_answer(await setup.client.response(), 0, b"one")
+    return served
 
 
 def assert_answer(response: Response, index: int, body: bytes, *, close: bool = False) -> None:
     """``response`` is the fake endpoint's default answer to call ``index``."""
     assert response.status_line == b"HTTP/1.1 200 OK"
+    assert all(name == name.lower() for name, _ in response.headers), response.headers
     document = response.json()
     assert document == {"n": index, "body": body.decode(), "authorization": "token"}
     assert response.header(b"content-type") == b"application/json"
@@ -346,14 +280,14 @@ async def test_pipelined_requests_are_answered_in_order_one_after_another(
     served = setup.start(b"".join(ask(body) for body in bodies))  # one write
     with trio.fail_after(LIMIT):
         await setup.endpoint.wait_for_calls(1)
-        assert await setup.client.nothing_yet()  # every task has run: nothing more happens
+        assert await setup.client.silent_for(1)  # every task has run: nothing more happens
         assert len(setup.endpoint.calls) == 1  # the second waits for the first answer
         release.set()
         responses = [await setup.client.response() for _ in bodies]
     for index, (response, body) in enumerate(zip(responses, bodies, strict=True)):
         assert_answer(response, index, body)
     assert [call.body for call in setup.endpoint.calls] == bodies
-    assert await setup.client.nothing_yet()
+    assert await setup.client.silent_for(1)
     assert not served.done.is_set()
 
 
@@ -366,7 +300,7 @@ async def test_pipelined_requests_sent_after_the_first_wait_for_its_answer(
     with trio.fail_after(LIMIT):
         await setup.endpoint.wait_for_calls(1)
         await setup.client.send(ask(b"second") + ask(b"third"))
-        assert await setup.client.nothing_yet()
+        assert await setup.client.silent_for(1)
         assert len(setup.endpoint.calls) == 1
         release.set()
         for index, body in enumerate([b"first", b"second", b"third"]):
@@ -411,7 +345,7 @@ async def test_the_first_request_not_plain_hands_back_exactly_the_unread_bytes(
         await setup.client.send(other)
     assert await served.wait() == other
     assert len(setup.endpoint.calls) == 1
-    assert await setup.client.nothing_yet()  # Hypercorn answers it, not the wire path
+    assert await setup.client.silent_for(1)  # Hypercorn answers it, not the wire path
 
 
 async def test_a_pipelined_request_not_plain_is_handed_back_after_the_answers(
@@ -424,7 +358,7 @@ async def test_a_pipelined_request_not_plain_is_handed_back_after_the_answers(
     with trio.fail_after(LIMIT):
         assert_answer(await setup.client.response(), 0, b"first")
         assert_answer(await setup.client.response(), 1, b"second")
-    assert await setup.client.nothing_yet()
+    assert await setup.client.silent_for(1)
     assert [call.body for call in setup.endpoint.calls] == [b"first", b"second"]
 
 
@@ -437,7 +371,7 @@ async def test_a_request_arriving_during_an_answer_is_handed_back_after_it(
     with trio.fail_after(LIMIT):
         await setup.endpoint.wait_for_calls(1)
         await setup.client.send(HEALTH)
-        assert await setup.client.nothing_yet()
+        assert await setup.client.silent_for(1)
         assert not served.done.is_set()  # not before the answer is out
         release.set()
         assert_answer(await setup.client.response(), 0, b"first")
@@ -538,9 +472,7 @@ async def test_shutdown_answers_with_connection_close(
 async def test_an_idle_connection_closes_after_keep_alive_timeout(
     setup: Setup, autojump_clock: trio.testing.MockClock
 ) -> None:
-    served = setup.start(ask(b"one"))
-    with trio.fail_after(LIMIT):
-        assert_answer(await setup.client.response(), 0, b"one")
+    served = await one_answered(setup)
     answered_at = trio.current_time()
     await trio.sleep(KEEP_ALIVE - 0.01)
     assert not served.done.is_set()  # not before
@@ -567,9 +499,8 @@ async def test_the_idle_time_counts_from_the_answer_not_the_request(
 async def test_a_request_just_before_the_idle_timeout_is_served(
     setup: Setup, autojump_clock: trio.testing.MockClock
 ) -> None:
-    served = setup.start(ask(b"one"))
+    served = await one_answered(setup)
     with trio.fail_after(LIMIT):
-        assert_answer(await setup.client.response(), 0, b"one")
         await trio.sleep(KEEP_ALIVE - 0.1)
         await setup.client.send(ask(b"two"))
         assert_answer(await setup.client.response(), 1, b"two")
@@ -607,9 +538,7 @@ async def test_a_head_trickling_in_must_still_be_complete_within_the_timeout(
 async def test_a_next_head_must_be_complete_within_the_idle_allowance(
     setup: Setup, autojump_clock: trio.testing.MockClock
 ) -> None:
-    served = setup.start(ask(b"one"))
-    with trio.fail_after(LIMIT):
-        assert_answer(await setup.client.response(), 0, b"one")
+    served = await one_answered(setup)
     answered_at = trio.current_time()
     await trio.sleep(KEEP_ALIVE / 2)
     await setup.client.send(head_of(ask(b"two"))[:-2])  # all but the blank line
@@ -726,9 +655,8 @@ async def test_a_refused_body_that_stops_arriving_ends_the_connection_without_a_
 async def test_a_stalled_body_on_a_later_request_is_answered_408(
     setup: Setup, autojump_clock: trio.testing.MockClock
 ) -> None:
-    served = setup.start(ask(b"one"))
+    served = await one_answered(setup)
     with trio.fail_after(LIMIT):
-        assert_answer(await setup.client.response(), 0, b"one")
         await setup.client.send(ask(b"two, never whole")[:-1])
         sent_at = trio.current_time()
         response = await setup.client.response()
@@ -769,7 +697,7 @@ async def test_expect_100_continue_gets_continue_before_the_body(
     setup.start(head_of(request))
     with trio.fail_after(LIMIT):
         assert await setup.client.read_exactly(len(CONTINUE)) == b"HTTP/1.1 100 Continue\r\n\r\n"
-        assert await setup.client.nothing_yet()
+        assert await setup.client.silent_for(1)
         assert setup.endpoint.calls == []
         await setup.client.send(body)
         assert_answer(await setup.client.response(), 0, body)
@@ -855,9 +783,8 @@ async def test_a_client_that_leaves_mid_body_ends_the_connection(
 async def test_a_client_that_leaves_after_its_answer_ends_the_connection(
     setup: Setup, autojump_clock: trio.testing.MockClock
 ) -> None:
-    served = setup.start(ask(b"one"))
+    served = await one_answered(setup)
     with trio.fail_after(LIMIT):
-        assert_answer(await setup.client.response(), 0, b"one")
         answered_at = trio.current_time()
         await setup.client.stream.send_eof()
     assert await served.wait() is None

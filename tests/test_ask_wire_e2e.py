@@ -26,6 +26,7 @@ import trio
 
 from relayd.agentkit import echo_handler
 from relayd.protocol import Request
+from tests.raw_http import RawClient, Response
 from tests.support import Relayd
 from tests.test_relay_e2e import client, connections, start_agent, wait_for_agents
 
@@ -60,98 +61,8 @@ def get_request(target: str, *extra: bytes) -> bytes:
     return b"GET " + target.encode() + b" HTTP/1.1\r\nHost: relay.example\r\n" + lines + b"\r\n"
 
 
-@dataclass
-class Response:
-    status_line: bytes
-    headers: list[tuple[bytes, bytes]]  # names lowercased
-    body: bytes
-
-    @property
-    def status(self) -> int:
-        return int(self.status_line.split(b" ")[1])
-
-    @property
-    def reason(self) -> bytes:
-        return self.status_line.split(b" ", 2)[2]
-
-    def header(self, name: bytes) -> bytes | None:
-        values = [value for key, value in self.headers if key == name]
-        assert len(values) <= 1, self.headers
-        return values[0] if values else None
-
-    @property
-    def names(self) -> set[bytes]:
-        return {name for name, _ in self.headers}
-
-    def json(self) -> Any:
-        assert self.header(b"content-type") == b"application/json", self.headers
-        return json.loads(self.body)
-
-
-class Connection:
-    """A raw client connection, reading Content-Length framed responses."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    @classmethod
-    async def open(cls, relayd: Relayd) -> Connection:
-        return cls(await trio.open_tcp_stream(HOST, relayd.port))
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def _fill(self) -> None:
-        data = await self.stream.receive_some(65536)
-        if not data:
-            raise AssertionError(f"relayd closed the connection; unparsed: {self.buffer!r}")
-        self.buffer += data
-
-    async def read_exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            await self._fill()
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    async def response(self) -> Response:
-        while b"\r\n\r\n" not in self.buffer:
-            await self._fill()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        status_line, *lines = head.split(b"\r\n")
-        assert status_line.startswith(b"HTTP/1.1 "), head
-        headers = []
-        for line in lines:
-            name, colon, value = line.partition(b":")
-            assert colon, line
-            headers.append((name.strip().lower(), value.strip()))
-        response = Response(status_line, headers, b"")
-        length = response.header(b"content-length")
-        assert length is not None, head
-        response.body = await self.read_exactly(int(length))
-        return response
-
-    async def closed(self) -> bytes:
-        """What relayd sends until it closes the connection."""
-        data, self.buffer = self.buffer, b""
-        while True:
-            try:
-                piece = await self.stream.receive_some(65536)
-            except trio.BrokenResourceError:  # reset: closed too
-                return data
-            if not piece:
-                return data
-            data += piece
-
-    async def silent_for(self, seconds: float) -> bool:
-        """Whether relayd sends nothing (and keeps the connection) for ``seconds``."""
-        with trio.move_on_after(seconds):
-            self.buffer += await self.stream.receive_some(65536)
-            return False
-        return not self.buffer
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
+async def open_connection(relayd: Relayd) -> RawClient:
+    return RawClient(await trio.open_tcp_stream(HOST, relayd.port))
 
 
 def assert_wire_path(response: Response) -> None:
@@ -188,7 +99,7 @@ async def test_pipelined_asks_health_and_ask_are_answered_in_order(relayd: Relay
     """Five requests in one send: three asks on the wire path, the /health that hands
     the connection to Hypercorn, and an ask that Hypercorn serves."""
     with trio.fail_after(20):
-        connection = await Connection.open(relayd)
+        connection = await open_connection(relayd)
         await connection.send(
             ask_request(relayd, {"content": "one"})
             + ask_request(relayd, {"content": ""})  # a different answer: the order shows
@@ -229,7 +140,7 @@ async def test_an_answered_ask_then_other_routes_on_the_same_connection(
         async with trio.open_nursery() as nursery, client(relayd) as http:
             agent = await start_agent(nursery, relayd.agent_url, echo_handler())
             await wait_for_agents(http, relayd, ids={agent.id})
-            connection = await Connection.open(relayd)
+            connection = await open_connection(relayd)
             await connection.send(ask_request(relayd, {"content": prompt}))
             asked = await connection.response()
             await connection.send(get_request("/"))
@@ -271,7 +182,7 @@ async def test_expect_100_continue(relayd: Relayd) -> None:
         async with trio.open_nursery() as nursery, client(relayd) as http:
             agent = await start_agent(nursery, relayd.agent_url, echo_handler())
             await wait_for_agents(http, relayd, ids={agent.id})
-            connection = await Connection.open(relayd)
+            connection = await open_connection(relayd)
             await connection.send(request[:head_length])
             assert await connection.read_exactly(len(CONTINUE)) == CONTINUE
             assert await connection.silent_for(0.2)  # the answer waits for the body
@@ -309,7 +220,7 @@ async def test_a_client_that_leaves_has_its_request_abandoned(
         async with trio.open_nursery() as nursery, client(relayd) as http:
             agent = await start_agent(nursery, relayd.agent_url, slow)
             await wait_for_agents(http, relayd, ids={agent.id})
-            leaving = await Connection.open(relayd)
+            leaving = await open_connection(relayd)
             await leaving.send(ask_request(relayd, {"content": "slow"}))
             await received.wait()
             await leaving.aclose()
@@ -319,7 +230,7 @@ async def test_a_client_that_leaves_has_its_request_abandoned(
             release.set()
             await wait_for_inflight(http, relayd, [0])
             # relayd serves on, on the wire path.
-            connection = await Connection.open(relayd)
+            connection = await open_connection(relayd)
             await connection.send(ask_request(relayd, {"content": "after"}))
             after = await connection.response()
             await connection.aclose()
@@ -372,10 +283,10 @@ async def test_the_wire_path_answers_as_hypercorn_does(
         authorization = authorization.format(key=relayd.admin_key)
     request = ask_request(relayd, case.body, authorization=authorization, extra=case.extra)
     with trio.fail_after(20):
-        wire = await Connection.open(relayd)
+        wire = await open_connection(relayd)
         await wire.send(request)
         on_wire = await wire.response()
-        hypercorn = await Connection.open(relayd)
+        hypercorn = await open_connection(relayd)
         await hypercorn.send(HEALTH + request)  # not the first request: Hypercorn's
         health = await hypercorn.response()
         through_hypercorn = await hypercorn.response()
@@ -398,15 +309,15 @@ async def test_a_stalled_body_is_408_on_both_paths(relayd_factory: Callable[...,
     relayd = relayd_factory(config='[server]\nidle_timeout = "1s"\n')
     request = ask_request(relayd, {"content": "never all there"})[:-5]
     with trio.fail_after(20):
-        wire = await Connection.open(relayd)
+        wire = await open_connection(relayd)
         await wire.send(request)
         on_wire = await wire.response()
-        assert await wire.closed() == b""
-        hypercorn = await Connection.open(relayd)
+        assert await wire.rest() == b""
+        hypercorn = await open_connection(relayd)
         await hypercorn.send(HEALTH + request)
         health = await hypercorn.response()
         through_hypercorn = await hypercorn.response()
-        assert await hypercorn.closed() == b""
+        assert await hypercorn.rest() == b""
     assert health.status == 200
     assert_wire_path(on_wire)
     assert_hypercorn(through_hypercorn)
@@ -423,13 +334,13 @@ async def test_a_throttled_client_gets_the_same_429_on_both_paths(
     relayd = relayd_factory(config='[auth]\nfailure_burst = 1\nfailure_interval = "60s"\n')
     request = ask_request(relayd, {"content": "hello"}, authorization="not-a-token")
     with trio.fail_after(20):
-        first = await Connection.open(relayd)
+        first = await open_connection(relayd)
         await first.send(request)
         refused = await first.response()  # spends the only token
-        wire = await Connection.open(relayd)
+        wire = await open_connection(relayd)
         await wire.send(request)
         on_wire = await wire.response()
-        hypercorn = await Connection.open(relayd)
+        hypercorn = await open_connection(relayd)
         await hypercorn.send(HEALTH + request)
         await hypercorn.response()
         through_hypercorn = await hypercorn.response()
@@ -459,11 +370,11 @@ async def test_bad_credentials_with_a_stalled_body_are_401_on_both_paths(
     relayd = relayd_factory(config='[server]\nidle_timeout = "1s"\n')
     request = ask_request(relayd, {"content": "never all there"}, authorization="bad")[:-5]
     with trio.fail_after(20):
-        hypercorn = await Connection.open(relayd)
+        hypercorn = await open_connection(relayd)
         await hypercorn.send(HEALTH + request)
         await hypercorn.response()
         through_hypercorn = await hypercorn.response()
-        wire = await Connection.open(relayd)
+        wire = await open_connection(relayd)
         await wire.send(request)
         on_wire = await wire.response()
     assert through_hypercorn.status == 401
@@ -480,12 +391,12 @@ async def test_a_content_length_of_thousands_of_digits_is_400_on_both_paths(
         b"Content-Length: " + b"0" * 5000 + b"2\r\n\r\n{}"
     )
     with trio.fail_after(20):
-        hypercorn = await Connection.open(relayd)
+        hypercorn = await open_connection(relayd)
         await hypercorn.send(HEALTH + request)
         await hypercorn.response()
         through_hypercorn = await hypercorn.response()
         assert through_hypercorn.status == 400
-        wire = await Connection.open(relayd)
+        wire = await open_connection(relayd)
         await wire.send(request)
         on_wire = await wire.response()
     assert on_wire.status == 400
