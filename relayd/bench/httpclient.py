@@ -3,8 +3,13 @@
 The bench's load generator must not be the bottleneck, and httpx spends more
 CPU per request than the relay route it measures. This client does only what
 the bench needs: one connection per client, requests with a ``Content-Length``
-body, responses with a ``Content-Length`` body (what Hypercorn sends for every
-response relayd makes). No chunked bodies, no redirects, no TLS.
+body, responses with a ``Content-Length`` body (what relayd sends for every
+response it makes). No chunked bodies, no redirects, no TLS. It reads and
+writes the socket with relayd's own non-blocking calls
+(:func:`~relayd.hypercorn_fixes.read_some`, :func:`~relayd.hypercorn_fixes.write_now`):
+after a request the answer cannot be there yet, so it waits for it instead of
+trying a read that fails, a system call and an exception saved per request on
+the bench's side of the machine.
 
 Contract: :meth:`HttpClient.request` returns a :class:`Response` or raises
 :class:`HttpError` (a malformed or unsupported answer), ``OSError`` or
@@ -21,6 +26,8 @@ from types import TracebackType
 from typing import Self
 
 import trio
+
+from relayd.hypercorn_fixes import read_some, write_now
 
 __all__ = ["HttpClient", "HttpError", "Response", "parse_head"]
 
@@ -138,16 +145,23 @@ class HttpClient:
         assert stream is not None
         reused = self._used
         try:
-            await stream.send_all(message)
+            written = write_now(stream, message)
+            if written is None:
+                raise trio.BrokenResourceError("connection closed")
+            if written < len(message):
+                await stream.send_all(message[written:])
         except (trio.BrokenResourceError, OSError):
             if reused:
                 raise _StaleConnection() from None
             raise
         buffer = self._buffer
+        # The answer cannot be there yet: wait for it rather than try a read first.
+        drained = True
         while (end := buffer.find(b"\r\n\r\n")) < 0:
             if len(buffer) > MAX_HEAD:
                 raise HttpError(f"response head larger than {MAX_HEAD} bytes")
-            chunk = await stream.receive_some(_RECEIVE_SIZE)
+            chunk = await read_some(stream, _RECEIVE_SIZE, drained=drained)
+            drained = len(chunk) < _RECEIVE_SIZE
             if not chunk:
                 if reused and not buffer:
                     raise _StaleConnection()
@@ -169,7 +183,8 @@ class HttpClient:
             if length > MAX_BODY:
                 raise HttpError(f"response body larger than {MAX_BODY} bytes")
         while len(buffer) < length:
-            chunk = await stream.receive_some(_RECEIVE_SIZE)
+            chunk = await read_some(stream, _RECEIVE_SIZE, drained=drained)
+            drained = len(chunk) < _RECEIVE_SIZE
             if not chunk:
                 raise trio.BrokenResourceError("connection closed in the middle of the body")
             buffer += chunk

@@ -256,7 +256,8 @@ class LoadPhase:
         drop agents stopped that long). A unit whose helpers were stopped lets them catch
         up before its window (:func:`_caught_up`): wide-dispatch's busy agents
         answer the pings relayd sent them meanwhile, and relayd reads that
-        backlog of pongs then, so its window holds the pings and pongs of its
+        backlog of pongs then (the window starts once both are quiet), so its
+        window holds the pings and pongs of its
         own time, as when it runs alone. (What remains: relayd sends those
         pings during the others' windows, a fraction of a percent of a core.)
         """
@@ -296,7 +297,8 @@ class LoadPhase:
                                     _signal(other.helpers, signal.SIGSTOP)
                             if load.helpers:
                                 _signal(load.helpers, signal.SIGCONT)
-                                await _caught_up(load.helpers)
+                                server = load.target.server
+                                await _caught_up(load.helpers + ([server.pid] if server else []))
                         await self._window(load, min(window, load.left), duration, watch)
         finally:
             for load in loads:
@@ -424,8 +426,9 @@ class LoadPhase:
 
 
 async def _caught_up(pids: list[int]) -> None:
-    """Return once ``pids``, just resumed, have worked off what piled up (their CPU
-    use drops to a steady trickle), or after :data:`CATCH_UP_LIMIT` seconds."""
+    """Return once ``pids`` (helpers just resumed, and the server they talk to)
+    have worked off what piled up (their CPU use drops to a steady trickle), or
+    after :data:`CATCH_UP_LIMIT` seconds."""
 
     with trio.move_on_after(CATCH_UP_LIMIT):
         before = cpu_seconds_of(pids)
