@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -45,6 +46,8 @@ async def test_busy_agents_connect_report_requests_and_leave(
             assert (agents.connected, agents.failed, agents.failures) == (5, 0, [])
             assert progress[-1] == (5, 5)
             assert read_cpu_seconds(agents.pid) is not None  # a live child, not this process
+            # Lowest priority: they must not take CPU from the clients being timed.
+            assert os.getpriority(os.PRIO_PROCESS, agents.pid) == 19
             assert len(await connections(relayd)) == 5
             # A request reaching one of them is reported here, and never answered.
             reached = tracker.expect(7)

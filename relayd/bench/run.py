@@ -32,7 +32,7 @@ __all__ = ["build_parser", "main"]
 
 
 # Seconds of load per scenario when --duration is not given (pool-1000 runs longer).
-DEFAULT_DURATION = 10.0
+DEFAULT_DURATION = 20.0
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration",
         type=_positive(float),
         metavar="SECONDS",
-        help="load time per scenario (default 10; pool-1000: 15 agent delays, 30 s); "
+        help="load time per scenario (default 20; pool-1000: 15 agent delays, 30 s); "
         "idle-10000 measures for max(this, the heartbeat interval)",
     )
     parser.add_argument(
