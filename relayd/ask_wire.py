@@ -196,6 +196,7 @@ class AskConnection:
             self._over = True
         elif await self._receive_body(head) == "whole":
             del self._inbox[: head.end]
+            self._idle_since = trio.current_time()
         else:
             self._over = True
 

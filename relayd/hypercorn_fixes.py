@@ -328,17 +328,19 @@ class GuardedTCPServer(TCPServer):
 
     def _claim(self, head: bytes) -> Awaitable[bytes | None] | None:
         """What serves the connection instead of Hypercorn, if a takeover claims it."""
+        wanting = [takeover for takeover in self._takeovers if takeover.wants(head)]
+        if not wanting:
+            return None
         # Hypercorn types the stream for TLS too; serve() accepts plain sockets only.
         stream = cast("trio.SocketStream", self.stream)
         client = parse_socket_addr(stream.socket.family, stream.socket.getpeername())
         terms = ServerTerms(
             self._writes, self.config.keep_alive_timeout, self.context.terminated.is_set
         )
-        for takeover in self._takeovers:
-            if takeover.wants(head):
-                served = takeover.claim(head, stream, client, terms)
-                if served is not None:
-                    return served
+        for takeover in wanting:
+            served = takeover.claim(head, stream, client, terms)
+            if served is not None:
+                return served
         return None
 
     async def protocol_send(self, event: Event) -> None:

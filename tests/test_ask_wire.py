@@ -623,6 +623,22 @@ async def test_a_refusal_before_the_body_is_sent_at_once_and_keeps_the_connectio
     assert await served.wait() is None
 
 
+async def test_the_idle_time_after_a_refusal_counts_from_the_end_of_its_body(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    refused = ask(b'{"content": "slow"}', authorization=b"bad")
+    served = setup.start(refused[:-5])
+    with trio.fail_after(LIMIT):
+        assert (await setup.client.response()).status == 401
+        await trio.sleep(BODY_TIMEOUT * 0.8)
+        await setup.client.send(refused[-5:])  # the refused body ends now
+        await trio.sleep(KEEP_ALIVE * 0.8)  # past KEEP_ALIVE since the refused head
+        await setup.client.send(ask(b"next"))
+        assert_answer(await setup.client.response(), 0, b"next")
+    await setup.client.stream.send_eof()
+    assert await served.wait() is None
+
+
 @pytest.mark.parametrize(
     "extra", [b"Expect: 100-continue\r\n", b"Connection: close\r\n"], ids=["expect", "close"]
 )
