@@ -223,6 +223,12 @@ async def setup(
     await trio.aclose_forcefully(client)
 
 
+async def ends_when_the_client_leaves(setup: Setup, served: Served) -> None:
+    """The client closes its side; the connection ends without handing anything back."""
+    await setup.client.stream.send_eof()
+    assert await served.wait() is None
+
+
 async def one_answered(setup: Setup) -> Served:
     """A connection started with one request, and its answer read."""
     served = setup.start(ask(b"one"))
@@ -588,8 +594,7 @@ async def test_credentials_are_checked_before_a_body_still_on_its_way(
         assert_answer(await setup.client.response(), 0, body)
     assert setup.endpoint.checked == ["token"]
     assert setup.endpoint.calls[0].caller == (None, "user-token")
-    await setup.client.stream.send_eof()
-    assert await served.wait() is None
+    await ends_when_the_client_leaves(setup, served)
 
 
 async def test_a_whole_request_is_checked_by_its_answer_alone(
@@ -600,8 +605,7 @@ async def test_a_whole_request_is_checked_by_its_answer_alone(
         assert_answer(await setup.client.response(), 0, b"whole")
     assert setup.endpoint.checked == []
     assert setup.endpoint.calls[0].caller is None
-    await setup.client.stream.send_eof()
-    assert await served.wait() is None
+    await ends_when_the_client_leaves(setup, served)
 
 
 async def test_a_refusal_before_the_body_is_sent_at_once_and_keeps_the_connection(
@@ -619,8 +623,7 @@ async def test_a_refusal_before_the_body_is_sent_at_once_and_keeps_the_connectio
         assert_answer(await setup.client.response(), 0, b"next")
     assert setup.endpoint.checked == ["bad"]
     assert [call.body for call in setup.endpoint.calls] == [b"next"]
-    await setup.client.stream.send_eof()
-    assert await served.wait() is None
+    await ends_when_the_client_leaves(setup, served)
 
 
 async def test_the_idle_time_after_a_refusal_counts_from_the_end_of_its_body(
@@ -635,8 +638,7 @@ async def test_the_idle_time_after_a_refusal_counts_from_the_end_of_its_body(
         await trio.sleep(KEEP_ALIVE * 0.8)  # past KEEP_ALIVE since the refused head
         await setup.client.send(ask(b"next"))
         assert_answer(await setup.client.response(), 0, b"next")
-    await setup.client.stream.send_eof()
-    assert await served.wait() is None
+    await ends_when_the_client_leaves(setup, served)
 
 
 @pytest.mark.parametrize(
@@ -790,8 +792,7 @@ async def test_a_client_that_leaves_mid_body_ends_the_connection(
     started = trio.current_time()
     served = setup.start(ask(b'{"content": "cut"}')[:-3])
     with trio.fail_after(LIMIT):
-        await setup.client.stream.send_eof()
-    assert await served.wait() is None
+        await ends_when_the_client_leaves(setup, served)
     assert served.ended_at == started  # at once, not at the timeout
     assert setup.endpoint.calls == []
 
@@ -802,8 +803,7 @@ async def test_a_client_that_leaves_after_its_answer_ends_the_connection(
     served = await one_answered(setup)
     with trio.fail_after(LIMIT):
         answered_at = trio.current_time()
-        await setup.client.stream.send_eof()
-    assert await served.wait() is None
+        await ends_when_the_client_leaves(setup, served)
     assert served.ended_at == answered_at  # at once
     assert not setup.endpoint.calls[0].cancelled
 
@@ -842,8 +842,7 @@ async def test_a_cancelled_answer_is_not_logged_as_an_error(
     served = setup.start(ask(b"abandoned"))
     with trio.fail_after(LIMIT):
         await setup.endpoint.wait_for_calls(1)
-        await setup.client.stream.send_eof()
-    assert await served.wait() is None
+        await ends_when_the_client_leaves(setup, served)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
