@@ -253,13 +253,13 @@ class LoadPhase:
         While one unit loads, the others' servers sit idle and their helper
         processes are stopped (SIGSTOP), so the unit loads a machine as quiet
         as if it ran alone (unless the heartbeat is so short that relayd would
-        drop agents stopped that long). A unit whose helpers were stopped lets them catch
-        up before its window (:func:`_caught_up`): wide-dispatch's busy agents
-        answer the pings relayd sent them meanwhile, and relayd reads that
-        backlog of pongs then (the window starts once both are quiet), so its
-        window holds the pings and pongs of its
-        own time, as when it runs alone. (What remains: relayd sends those
-        pings during the others' windows, a fraction of a percent of a core.)
+        drop agents stopped that long). A unit whose helpers were stopped lets
+        them catch up before its window (:func:`_caught_up`): wide-dispatch's
+        busy agents answer the pings relayd sent them meanwhile, and relayd
+        reads that backlog of pongs then (the window starts once both are
+        quiet), so its window holds the pings and pongs of its own time, as
+        when it runs alone. (What remains: relayd sends those pings during the
+        others' windows, a fraction of a percent of a core.)
         """
         settings = self.settings
         duration = settings.duration if duration is None else duration
