@@ -124,7 +124,8 @@ class AskEndpoint:
         """
         user_id = "-"
         conversation_id = "-"
-        settled = False  # False in the finally below: cancelled (the client went away)
+        # False in the finally below: cancelled, or ClientGone (the client went away)
+        settled = False
         try:
             user, user_id = caller or self.caller(authorization, address)
             raw = body if isinstance(body, bytes) else await body()
@@ -132,10 +133,6 @@ class AskEndpoint:
             conversation_id = question.conversation_id or "-"
             answer = await self._state.dispatcher.ask(question)
             settled = True
-        except ClientGone:
-            settled = True
-            log.debug("client went away, request abandoned: user=%s", user_id)
-            raise
         except RelayError as error:
             settled = True
             return self.failure(error, user_id, conversation_id)

@@ -206,6 +206,26 @@ async def timed(call: Awaitable[object]) -> float:
     return trio.current_time() - start
 
 
+async def close_answered(
+    transport: WireTransport, agent: Agent, before_reply: bytes
+) -> tuple[CloseConnection, float]:
+    """Close ``transport`` (code 4000); the agent sends ``before_reply``, then
+    answers the close frame. The agent's view of that frame, and how long
+    (virtual seconds) the close took."""
+    elapsed: list[float] = []
+
+    async def close() -> None:
+        elapsed.append(await timed(transport.close(4000, "going away")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close)
+        [event] = await agent.events()
+        assert isinstance(event, CloseConnection)
+        await agent.send_raw(before_reply)
+        await agent.send(event.response())
+    return event, elapsed[0]
+
+
 async def drained(relay_stream: Stream, agent: Agent) -> bytes:
     """What the relay wrote and the agent has not read yet (closes the relay's stream)."""
     await relay_stream.aclose()
@@ -662,20 +682,10 @@ async def test_close_returns_once_the_agent_replies(
     kind: str, connect: Connect, autojump_clock: trio.testing.MockClock
 ) -> None:
     transport, agent, _ = connect(kind)
-    elapsed: list[float] = []
-
-    async def close() -> None:
-        elapsed.append(await timed(transport.close(4000, "going away")))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(close)
-        [event] = await agent.events()
-        assert isinstance(event, CloseConnection)
-        assert (event.code, event.reason) == (4000, "going away")
-        # A message still in flight before the agent's reply is discarded.
-        await agent.send_raw(client_frame(TEXT, b"in flight"))
-        await agent.send(event.response())
-    assert elapsed == [0]
+    # A message still in flight before the agent's reply is discarded.
+    event, elapsed = await close_answered(transport, agent, client_frame(TEXT, b"in flight"))
+    assert (event.code, event.reason) == (4000, "going away")
+    assert elapsed == 0
     assert agent.ws.state is ConnectionState.CLOSED
     assert await transport.receive() is None
 
@@ -693,18 +703,8 @@ async def test_close_after_part_of_a_frame_was_read(
             nursery.start_soon(transport.receive)
             await trio.testing.wait_all_tasks_blocked()
             reading.cancel()
-    elapsed: list[float] = []
-
-    async def close() -> None:
-        elapsed.append(await timed(transport.close(4000, "going away")))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(close)
-        [event] = await agent.events()
-        assert isinstance(event, CloseConnection)
-        await agent.send_raw(frame[9:])
-        await agent.send(event.response())
-    assert elapsed == [0]
+    _, elapsed = await close_answered(transport, agent, frame[9:])
+    assert elapsed == 0
 
 
 async def test_close_gives_up_after_close_wait(
