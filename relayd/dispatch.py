@@ -19,7 +19,8 @@ the domain errors of :mod:`relayd.errors`.
 
 Slots change hands without a checkpoint: when a slot frees, the waiter that
 gets it has it taken on its behalf before it wakes; a waiter cancelled after
-that hands the slot on. A slot is released only by the session (reply or end).
+that hands the slot on. A slot is released only by the session it belongs to, once the
+request is handed to it (:meth:`~relayd.agents.session.AgentSession.ask`).
 """
 
 from __future__ import annotations
@@ -41,18 +42,20 @@ from relayd.agents.session import (
     SessionLost,
 )
 from relayd.config import AgentsConfig, Config
-from relayd.conversations import Conversations
+from relayd.conversations import Conversation, Conversations
 from relayd.errors import (
     AgentFailed,
     AgentTimeout,
+    BadRequest,
     ConversationAgentGone,
+    Forbidden,
     NoAgent,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
     UnknownConversation,
 )
-from relayd.protocol import AgentError, CloseCode, Hello, Reply, Request
+from relayd.protocol import AgentError, CloseCode, Hello, Reply, Request, UnsendableText
 
 __all__ = ["Answer", "Dispatcher", "Question", "new_uuid"]
 
@@ -244,6 +247,8 @@ class Dispatcher:
     async def _start(self, question: Question) -> Answer:
         """A new conversation: any agent, retried on others if one fails."""
         limits = self.config.requests
+        if question.parent_id:
+            self._check_parent(question, None)
         tried: set[str] = set()
         agent_errors: list[str] = []
         waited = 0.0
@@ -283,6 +288,8 @@ class Dispatcher:
         entry = self.conversations.get(question.conversation_id, self._clock())
         if entry is None or (entry.user_id != question.user_id and not question.is_admin):
             raise UnknownConversation()
+        if question.parent_id:
+            self._check_parent(question, entry)
         started = self._clock()
         session = await self._acquire(entry.agent_id, frozenset())
         waited = self._clock() - started
@@ -301,18 +308,48 @@ class Dispatcher:
             raise AgentFailed(f"the agent failed: {outcome.text[:200]}")
         return self._answered(question, session, outcome, 1, waited)
 
+    def _check_parent(self, question: Question, conversation: Conversation | None) -> None:
+        """Refuse a ``parent_id`` that relayd knows as a turn the asker may not continue from.
+
+        A new conversation may branch only from the asker's own turns; a turn of
+        a conversation must be one of that conversation's. Ids relayd does not
+        know (never seen, or forgotten) pass, as in the seed.
+        """
+        assert question.parent_id is not None
+        owner = self.conversations.turn(question.parent_id, self._clock())
+        if owner is None:
+            return
+        if owner.user_id != question.user_id and not question.is_admin:
+            raise Forbidden("parent_id is a turn of a conversation that is not yours")
+        if conversation is not None and owner is not conversation:
+            raise BadRequest("parent_id is a turn of another conversation")
+
     def _answered(
         self, question: Question, session: AgentSession, reply: Reply, attempts: int, waited: float
     ) -> Answer:
+        """The answer to ``question``, its conversation recorded.
+
+        A reply that names a conversation or turn that is not the agent's to
+        claim is still the client's answer, but moves nothing (see
+        :mod:`relayd.conversations`); the agent is logged as misbehaving.
+        """
         conversation_id = reply.conversation_id or question.conversation_id or ""
         if conversation_id:
-            self.conversations.record(
+            problem = self.conversations.record(
                 conversation_id,
                 agent_id=session.agent_id,
                 user_id=question.user_id,
                 response_id=reply.response_id,
                 now=self._clock(),
+                any_user=question.is_admin,
             )
+            if problem is not None:
+                log.warning(
+                    "agent misbehaving: %s replied for user=%s: %s",
+                    session,
+                    question.user_id,
+                    problem,
+                )
         return Answer(
             id=reply.request_id,
             response_id=reply.response_id,
@@ -324,14 +361,12 @@ class Dispatcher:
         )
 
     async def _call(self, session: AgentSession, request: Request) -> Reply | AgentError:
-        """Send on a slot we hold; the session releases the slot when it is over."""
+        """Send on a slot we hold, handing it to the session (see AgentSession.ask)."""
         try:
-            call = session.start_call(request)
-        except SessionLost:
-            # The frame never left, so no reply will release the slot: we do.
-            self.pool.release(session)
-            raise
-        return await session.complete(call)
+            return await session.ask(request)
+        except UnsendableText as error:
+            # The front door refuses such text (a 400); this is the last line.
+            raise BadRequest(str(error)) from None
 
     # -- the wait queue ----------------------------------------------------------------
 

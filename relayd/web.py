@@ -7,6 +7,7 @@ addresses that fail them.
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import json
 import logging
@@ -31,6 +32,7 @@ from relayd.errors import (
     ShuttingDown,
     Unauthorized,
 )
+from relayd.jsontext import may_hold_surrogate, unencodable_string
 from relayd.state import RelayState
 from relayd.users import User
 
@@ -83,19 +85,35 @@ def rfc3339(timestamp: float) -> str:
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, whatever the Content-Type said. Raises BadRequest."""
+    """The body as a JSON object, whatever the Content-Type said. Raises BadRequest.
+
+    The body must be UTF-8 (RFC 8259, 8.1), and no string in it may hold a
+    lone surrogate (``"\\ud800"``, legal JSON but not Unicode): such a string
+    cannot be encoded again, so it is refused here, at the door, rather than
+    failing wherever it is next written (an agent's frame, a log, a file).
+    """
     if not raw.strip():
         raise BadRequest("the request body is empty; expected a JSON object")
     try:
-        document = json.loads(raw)
+        # json.loads(bytes) would let UTF-8-encoded surrogates through ("surrogatepass").
+        text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("the request body is not UTF-8") from None
+    try:
+        document = json.loads(text)
     except ValueError as error:
         raise BadRequest(f"the request body is not valid JSON: {error}") from None
     except RecursionError:
         raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(document, dict):
         raise BadRequest("the request body must be a JSON object")
+    if may_hold_surrogate(text):
+        problem = unencodable_string(document)
+        if problem is not None:
+            raise BadRequest(
+                f"{problem} holds a lone surrogate (a \\ud800-\\udfff escape that is not "
+                "half of a pair): it is not valid Unicode and cannot be encoded as UTF-8"
+            )
     return document
 
 

@@ -28,10 +28,11 @@ agents: 33.5 KB each with them, 25.2 KB without). And the task wakes only
 when the agent sends: a timer per session meant cancelling every idle
 agent's read once per interval, which was most of the relay's idle CPU.
 
-Requests are started by other tasks with :meth:`call`. The slot is released
-by the session, when the reply comes or the session ends, never by the caller:
-the seed protocol has no cancel, so an abandoned request still occupies the
-agent.
+Requests are sent by other tasks with :meth:`ask`, on a slot the caller took
+from the pool and hands over with the call. From then on the session alone
+releases it: when the reply comes, when the session ends, or at once if the
+request's frame never left. Never the caller: the seed protocol has no
+cancel, so an abandoned request still occupies the agent.
 
 The session knows nothing of HTTP, users or TOML; what it needs from its owner
 is the :class:`SessionHost` interface, implemented by the dispatcher.
@@ -62,6 +63,7 @@ from relayd.protocol import (
     Reply,
     Request,
     State,
+    UnsendableText,
 )
 
 __all__ = [
@@ -240,44 +242,74 @@ class AgentSession:
 
     # -- used by the dispatcher ------------------------------------------------
 
-    def start_call(self, request: Request) -> Call:
-        """Register ``request`` as in flight; never blocks, never checkpoints.
+    async def ask(self, request: Request) -> Reply | AgentError:
+        """Send ``request`` on a slot the caller has taken, and wait for the answer.
 
-        The caller must hold one of the session's slots (taken from the pool)
-        and then :meth:`send` the call's frame. Raises :class:`SessionLost` if
-        the session is no longer open.
+        The caller hands its slot over with the call, and from then on this
+        session is the one owner of the slot's life: it releases the slot
+        (through :meth:`SessionHost.slot_freed`) when the agent answers, when
+        the session ends (its host forgets the whole session), or, here, when
+        anything at all fails before the request's frame has left: the frame
+        cannot be built, the session is closed, the write fails or is cut
+        short, the caller is cancelled. Such a failure also forgets the
+        request, so that nothing waits for a reply to a frame that was never
+        sent, and it propagates (:class:`SessionLost` for a closed session).
+
+        If the caller is cancelled after the frame has left, the request is
+        abandoned but its slot stays taken until the agent answers or goes:
+        the seed protocol has no cancel.
         """
-        if not self.is_open:
-            raise SessionLost(f"{self} is closed")
+        sent = writing = False
+        call: Call | None = None
         try:
-            frame = self.protocol.send(request)
-        except LocalProtocolError as error:
-            raise SessionLost(f"{self}: {error}") from error
-        call = Call(self, request, frame)
-        self._calls[request.request_id] = call
-        return call
-
-    async def complete(self, call: Call) -> Reply | AgentError:
-        """Send a started call's frame and wait for the answer.
-
-        Raises :class:`SessionLost` if the session ends first. If the caller is
-        cancelled, the request is abandoned, but its slot stays taken until the
-        agent answers or goes.
-        """
-        try:
+            call = self._register(request)
+            writing = True
             # Shielded so that a frame is never half-given to the transport, but
             # not past the caller's own deadline: the transport's write honours
             # it (relayd.hypercorn_fixes.WriteLimits) and closes the connection
             # of an agent that stopped reading.
-            with trio.CancelScope(shield=True, deadline=trio.current_effective_deadline()):
+            with trio.CancelScope(shield=True, deadline=trio.current_effective_deadline()) as scope:
                 await self._transport.send(call.frame)
+            if scope.cancelled_caught:
+                await trio.lowlevel.checkpoint_if_cancelled()  # the caller's deadline
+                raise SessionLost(f"{self}: the request frame was cut short")
+            sent = True
+        finally:
+            if not sent:
+                self._withdraw(request.request_id, call)
+                if writing:
+                    # However the write failed, the agent may hold part of a frame.
+                    self.request_close(CloseCode.INTERNAL_ERROR, "a request frame was not sent")
+        assert call is not None
+        try:
             return await call.result()
         finally:
             call.abandoned = True
 
-    async def call(self, request: Request) -> Reply | AgentError:
-        """:meth:`start_call` then :meth:`complete`, for callers that hold a slot."""
-        return await self.complete(self.start_call(request))
+    def _register(self, request: Request) -> Call:
+        """The call for ``request``, registered as in flight; SessionLost if closed."""
+        if not self.is_open:
+            raise SessionLost(f"{self} is closed")
+        try:
+            frame = self.protocol.send(request)
+        except UnsendableText:
+            raise  # the request's fault: the session is fine
+        except LocalProtocolError as error:
+            raise SessionLost(f"{self}: {error}") from error
+        try:
+            call = Call(self, request, frame)
+            self._calls[request.request_id] = call
+        except BaseException:
+            self.protocol.withdraw(request.request_id)
+            raise
+        return call
+
+    def _withdraw(self, request_id: str, call: Call | None) -> None:
+        """Undo a request whose frame did not leave: forget it, free its slot."""
+        if call is not None and self._calls.get(request_id) is call:
+            del self._calls[request_id]
+            self.protocol.withdraw(request_id)
+        self._host.slot_freed(self)
 
     def ping(self, slow_sends: trio.Nursery) -> None:
         """Send the protocol's ping now (the Heartbeat calls this).

@@ -16,6 +16,7 @@ from relayd.protocol.errors import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    UnsendableText,
 )
 from relayd.protocol.events import (
     AgentError,
@@ -46,6 +47,7 @@ __all__ = [
     "Reply",
     "Request",
     "State",
+    "UnsendableText",
     "decode_frame",
     "encode_frame",
 ]

@@ -17,6 +17,7 @@ State table of :class:`RelayConnection`::
     NEW            send Greeting                AWAIT_HELLO
     AWAIT_HELLO    receive Hello                OPEN
     OPEN           send Ping / Request          OPEN
+    OPEN           withdraw a Request unsent    OPEN
     OPEN           receive Pong / Reply / Error OPEN
     any            connection_lost()            CLOSED
 
@@ -35,7 +36,13 @@ import json
 from collections.abc import KeysView
 from typing import Any
 
-from relayd.protocol.errors import CloseCode, LocalProtocolError, RemoteProtocolError
+from relayd.jsontext import may_hold_surrogate, unencodable_string
+from relayd.protocol.errors import (
+    CloseCode,
+    LocalProtocolError,
+    RemoteProtocolError,
+    UnsendableText,
+)
 from relayd.protocol.events import (
     AgentError,
     Closed,
@@ -59,6 +66,8 @@ ERROR = "error"
 
 _REPLY_FIELDS = ("response_id", "conversation_id", "content")
 _REQUEST_FIELDS = ("message_id", "conversation_id", "parent_id", "content")
+# Request's fields, each sent as a JSON string.
+_REQUEST_TEXTS = ("request_id", *_REQUEST_FIELDS)
 
 
 class State(enum.Enum):
@@ -94,6 +103,10 @@ def decode_frame(text: str) -> tuple[str, str, str]:
         if not isinstance(value, str):
             raise RemoteProtocolError(f"frame field {name!r} is {_json_type(value)}, not a string")
         values.append(value)
+    if may_hold_surrogate(text):
+        problem = unencodable_string(dict(zip(("id", "message", "data"), values, strict=True)))
+        if problem is not None:
+            raise RemoteProtocolError(f"frame {problem} holds a lone surrogate: not Unicode")
     return values[0], values[1], values[2]
 
 
@@ -123,6 +136,10 @@ def _decode_data(data: str, fields: tuple[str, ...]) -> dict[str, str] | str:
         if not isinstance(value, str):
             return f"data field {name!r} is {'missing' if value is None else _json_type(value)}"
         result[name] = value
+    if may_hold_surrogate(data):
+        problem = unencodable_string(result, "data")
+        if problem is not None:
+            return f"{problem} holds a lone surrogate, which is not Unicode"
     return result
 
 
@@ -168,6 +185,10 @@ class RelayConnection:
             return encode_frame(event.ping_id, PING, "")
         if event.request_id in self._outstanding:
             raise LocalProtocolError(f"request id {event.request_id} is already in flight")
+        for name in _REQUEST_TEXTS:
+            text = getattr(event, name)
+            if not text.isascii() and unencodable_string(text) is not None:
+                raise UnsendableText(f"the request's {name} is not valid Unicode")
         data = _encoder.encode(
             {
                 "message_id": event.message_id,
@@ -178,6 +199,13 @@ class RelayConnection:
         )
         self._outstanding[event.request_id] = None
         return encode_frame(event.request_id, REQUEST, data)
+
+    def withdraw(self, request_id: str) -> None:
+        """Take back a request whose frame never reached the transport.
+
+        A reply to it is then a protocol error, as for any id not in flight.
+        """
+        self._outstanding.pop(request_id, None)
 
     # -- receiving -----------------------------------------------------------
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["CloseCode", "LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
+__all__ = [
+    "CloseCode",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "UnsendableText",
+]
 
 
 class CloseCode:
@@ -31,6 +37,13 @@ class LocalProtocolError(ProtocolError):
     """We tried to do something the protocol forbids (a bug in relayd).
 
     The connection's state is unchanged.
+    """
+
+
+class UnsendableText(LocalProtocolError):
+    """A field of an event we were asked to send is not Unicode (a lone
+    surrogate), so no frame can carry it. The fault is the event's, not the
+    connection's: the connection's state is unchanged and it stays usable.
     """
 
 
