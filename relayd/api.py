@@ -28,7 +28,15 @@ from relayd.agents.auth import agent_key_from_path
 from relayd.agents.websocket import AgentEndpoint, Receive, Scope, Send, deny_websocket
 from relayd.ask import AskEndpoint
 from relayd.config import Config
-from relayd.errors import BadRequest, NotFound, PayloadTooLarge, RelayError, retry_after_header
+from relayd.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    RelayError,
+    RequestTimeout,
+    body_late,
+    retry_after_header,
+)
 from relayd.state import RelayState
 from relayd.users import UserStoreError
 from relayd.web import (
@@ -73,6 +81,8 @@ async def read_json_object() -> dict[str, Any]:
             raise PayloadTooLarge(
                 f"request body larger than server.max_body ({request.max_content_length} bytes)"
             ) from None
+        if error.code == 408:
+            raise RequestTimeout(body_late(request.body_timeout or 0)) from None
         raise
     return parse_json_object(raw if isinstance(raw, bytes) else raw.encode())
 
@@ -81,10 +91,12 @@ def create_app(state: RelayState) -> Quart:
     """The API application for ``state``. See the module docstring."""
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = state.config.server.max_body
+    app.config["BODY_TIMEOUT"] = state.config.server.body_timeout
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
 
     def on_reload(config: Config) -> None:
         app.config["MAX_CONTENT_LENGTH"] = config.server.max_body
+        app.config["BODY_TIMEOUT"] = config.server.body_timeout
 
     state.reload_hooks.append(on_reload)
 

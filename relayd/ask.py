@@ -34,6 +34,7 @@ from relayd.errors import (
     PayloadTooLarge,
     RelayError,
     RequestTimeout,
+    body_late,
     retry_after_header,
 )
 from relayd.state import RelayState
@@ -83,6 +84,14 @@ class AskEndpoint:
     def body_timeout(self) -> float:
         """How long a request body may stop arriving before the request fails (408)."""
         return self._state.config.server.idle_timeout
+
+    @property
+    def body_deadline(self) -> float:
+        """How long, from its head, a request body may take to arrive whole (408)."""
+        return self._state.config.server.body_timeout
+
+    def late(self) -> RequestTimeout:
+        return RequestTimeout(body_late(self.body_deadline))
 
     def caller(self, authorization: str | None, address: str) -> Caller:
         """Check the credentials; raises RelayError (401, 429)."""
@@ -183,12 +192,13 @@ class AskEndpoint:
             raise PayloadTooLarge(f"request body larger than server.max_body ({limit} bytes)")
         chunks = []
         size = 0
+        deadline = trio.current_time() + self.body_deadline
         while True:
             message: Message | None = None
-            with trio.move_on_after(self.body_timeout):
+            with trio.move_on_at(min(deadline, trio.current_time() + self.body_timeout)):
                 message = await receive()
             if message is None:
-                raise self.stalled()
+                raise self.late() if trio.current_time() >= deadline else self.stalled()
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             chunk = message.get("body", b"")

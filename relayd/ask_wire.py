@@ -38,7 +38,7 @@ from typing import Literal
 
 import trio
 
-from relayd.ask import AskEndpoint, Caller, Reply
+from relayd.ask import DISCARD_WAIT, AskEndpoint, Caller, Reply
 from relayd.errors import RelayError
 from relayd.http1 import (
     CONTINUE,
@@ -49,7 +49,7 @@ from relayd.http1 import (
     parse_ask_head,
     response_bytes,
 )
-from relayd.hypercorn_fixes import ServerTerms, read_some
+from relayd.hypercorn_fixes import HandBack, ServerTerms, read_some
 from relayd.web import error_body
 
 __all__ = ["AskConnection", "AskWire"]
@@ -75,7 +75,7 @@ class AskWire:
         stream: trio.SocketStream,
         client: tuple[str, int] | None,
         terms: ServerTerms,
-    ) -> Awaitable[bytes | None] | None:
+    ) -> Awaitable[HandBack | None] | None:
         try:
             parse_ask_head(head, self._endpoint.max_body)
         except NotSimple:
@@ -116,24 +116,24 @@ class AskConnection:
         self._date = date
         self._inbox = bytearray()  # read and not yet served
         self._drained = False  # the last read took all there was (see read_some)
-        self._idle_since = trio.current_time()
+        self._idle_since = terms.idle_since
         self._read_scope: trio.CancelScope | None = None  # while the connection's task reads
         self._request_scope: trio.CancelScope | None = None  # while a request is answered
         self._answered: trio.Event | None = None  # a pipelined request waits on this
         self._over = False  # no more requests on this connection
 
-    async def run(self, head: bytes) -> bytes | None:
+    async def run(self, head: bytes) -> HandBack | None:
         """Serve requests until the connection ends (None) or has one for
         Hypercorn (the bytes not served)."""
         self._inbox += head
         async with trio.open_nursery() as nursery:
             return await self._serve(nursery)
 
-    async def _serve(self, nursery: trio.Nursery) -> bytes | None:
+    async def _serve(self, nursery: trio.Nursery) -> HandBack | None:
         while not self._over:
             head = await self._next_head()
             if not isinstance(head, AskHead):
-                return head
+                return None if head is None else HandBack(head, self._idle_since)
             caller: Caller | None = None
             if len(self._inbox) < head.end:
                 # The body is still on its way: check the credentials first, as
@@ -144,10 +144,10 @@ class AskConnection:
                 except RelayError as error:
                     await self._refuse(head, self._endpoint.failure(error))
                     continue
-            arrival = await self._receive_body(head)
-            if arrival == "stalled":
-                user_id = caller[1] if caller else "-"
-                reply = self._endpoint.failure(self._endpoint.stalled(), user_id)
+            arrival = await self._receive_body(head, self._endpoint.body_deadline)
+            if arrival in ("stalled", "late"):
+                timeout = self._endpoint.stalled() if arrival == "stalled" else self._endpoint.late()
+                reply = self._endpoint.failure(timeout, caller[1] if caller else "-")
                 await self._write(self._response(reply, close=True))
             if arrival != "whole":
                 return None
@@ -173,28 +173,34 @@ class AskConnection:
                 return None
             self._inbox += data
 
-    async def _receive_body(self, head: AskHead) -> Literal["whole", "gone", "stalled"]:
+    async def _receive_body(
+        self, head: AskHead, allowance: float
+    ) -> Literal["whole", "gone", "stalled", "late"]:
         """Read until the inbox holds the whole body: "gone" if the client left
-        first, "stalled" if the body stopped arriving for ``server.idle_timeout``."""
+        first, "stalled" if the body stopped arriving for ``server.idle_timeout``,
+        "late" if it was not whole within ``allowance`` seconds from now."""
+        deadline = trio.current_time() + allowance
         waiting = len(self._inbox) < head.end
         if waiting and head.expects_continue and not await self._write(CONTINUE):
             return "gone"
         while len(self._inbox) < head.end:
-            data = await self._read(trio.current_time() + self._endpoint.body_timeout)
+            now = trio.current_time()
+            data = await self._read(min(deadline, now + self._endpoint.body_timeout))
             if data is None:
-                return "stalled"
+                return "late" if trio.current_time() >= deadline else "stalled"
             if not data:
                 return "gone"
             self._inbox += data
         return "whole"
 
     async def _refuse(self, head: AskHead, reply: Reply) -> None:
-        """Answer a request refused before its body, then read the body and drop it."""
+        """Answer a request refused before its body, then read the body and drop it
+        within :data:`~relayd.ask.DISCARD_WAIT` (as Hypercorn's path does), or close."""
         # A client that waits for 100 Continue may never send the body: close.
         close = head.expects_continue or not head.keep_alive or self._terms.stopping()
         if not await self._write(self._response(reply, close=close)) or close:
             self._over = True
-        elif await self._receive_body(head) == "whole":
+        elif await self._receive_body(head, DISCARD_WAIT) == "whole":
             del self._inbox[: head.end]
             self._idle_since = trio.current_time()
         else:

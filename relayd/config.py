@@ -150,6 +150,7 @@ SCHEMA: Mapping[str, Mapping[str, Key]] = {
         "log_level": Key("level", "info"),
         "shutdown_grace": Key("duration", "30s", minimum=0, maximum=3600),
         "idle_timeout": Key("duration", "10s", minimum=0.1, maximum=3600),
+        "body_timeout": Key("duration", "60s", minimum=0.1, maximum=3600),
     },
     "auth": {
         "admin_key_file": Key("path", None, optional=True),
@@ -194,6 +195,7 @@ class ServerConfig:
     log_level: str
     shutdown_grace: float
     idle_timeout: float
+    body_timeout: float
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ __all__ = [
     "ShuttingDown",
     "Unauthorized",
     "UnknownConversation",
+    "body_late",
     "retry_after_header",
 ]
 
@@ -59,6 +60,11 @@ class PayloadTooLarge(RelayError):
 
 class RequestTimeout(RelayError):
     default_message = "the request body stopped arriving"
+
+
+def body_late(body_timeout: float) -> str:
+    """The 408 message for a body that did not arrive whole in time (every route)."""
+    return f"the request body did not arrive within server.body_timeout ({body_timeout:g} s)"
 
 
 class Unauthorized(RelayError):

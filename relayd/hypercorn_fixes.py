@@ -82,6 +82,7 @@ __all__ = [
     "MAX_HEAD",
     "WRITE_TIMEOUT",
     "GuardedTCPServer",
+    "HandBack",
     "ServerTerms",
     "Takeover",
     "WriteLimits",
@@ -232,6 +233,19 @@ class ServerTerms:
     writes: WriteLimits
     keep_alive_timeout: float  # how long a connection may sit idle between requests
     stopping: Callable[[], bool]  # the server is shutting down: no new keep-alive cycles
+    # When the connection became idle (it opened): the head that the takeover was
+    # handed must be complete by idle_since + keep_alive_timeout, not later.
+    idle_since: float
+
+
+@dataclass(frozen=True, slots=True)
+class HandBack:
+    """A connection a :class:`Takeover` returns to Hypercorn: the bytes it read
+    and did not serve, and since when the connection has been idle (so that a
+    request head that started arriving before the hand-back keeps its deadline)."""
+
+    data: bytes
+    idle_since: float
 
 
 class Takeover(Protocol):
@@ -252,13 +266,13 @@ class Takeover(Protocol):
         stream: trio.SocketStream,
         client: tuple[str, int] | None,
         terms: ServerTerms,
-    ) -> Awaitable[bytes | None] | None:
+    ) -> Awaitable[HandBack | None] | None:
         """The coroutine that serves the connection, or None to leave it to Hypercorn.
 
         It may use ``stream`` until it returns. It returns None when the
-        connection is over (the server closes it), or the bytes it read and
-        did not serve: Hypercorn then serves the rest of the connection,
-        starting with them.
+        connection is over (the server closes it), or a :class:`HandBack`:
+        Hypercorn then serves the rest of the connection, starting with the
+        bytes it holds.
         """
 
 
@@ -284,7 +298,7 @@ class GuardedTCPServer(TCPServer):
                 served = self._claim(head)
                 first: bytes | None = head  # b"": the peer closed or said nothing in time
                 if served is not None:
-                    rest: bytes | None = None
+                    rest: HandBack | None = None
                     try:
                         rest = await served
                     finally:
@@ -293,8 +307,8 @@ class GuardedTCPServer(TCPServer):
                                 await trio.aclose_forcefully(self.stream)
                     if rest is None:
                         return
-                    self._idle_since = trio.current_time()
-                    first = rest or None  # None: Hypercorn reads from the socket
+                    self._idle_since = rest.idle_since
+                    first = rest.data or None  # None: Hypercorn reads from the socket
                 self._first_bytes = first
             await super().run()
         except OSError:
@@ -326,7 +340,7 @@ class GuardedTCPServer(TCPServer):
                     data += more
         return data
 
-    def _claim(self, head: bytes) -> Awaitable[bytes | None] | None:
+    def _claim(self, head: bytes) -> Awaitable[HandBack | None] | None:
         """What serves the connection instead of Hypercorn, if a takeover claims it."""
         wanting = [takeover for takeover in self._takeovers if takeover.wants(head)]
         if not wanting:
@@ -334,8 +348,12 @@ class GuardedTCPServer(TCPServer):
         # Hypercorn types the stream for TLS too; serve() accepts plain sockets only.
         stream = cast("trio.SocketStream", self.stream)
         client = parse_socket_addr(stream.socket.family, stream.socket.getpeername())
+        assert self._idle_since is not None  # no request has started yet
         terms = ServerTerms(
-            self._writes, self.config.keep_alive_timeout, self.context.terminated.is_set
+            self._writes,
+            self.config.keep_alive_timeout,
+            self.context.terminated.is_set,
+            self._idle_since,
         )
         for takeover in wanting:
             served = takeover.claim(head, stream, client, terms)

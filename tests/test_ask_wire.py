@@ -25,7 +25,7 @@ import pytest
 import trio
 import trio.testing
 
-from relayd.ask import AskEndpoint, Caller, Reply
+from relayd.ask import DISCARD_WAIT, AskEndpoint, Caller, Reply
 from relayd.ask_wire import AskConnection, AskWire
 from relayd.errors import Unauthorized
 from relayd.http1 import CONTINUE, HttpDate
@@ -36,6 +36,8 @@ KEEP_ALIVE = 10.0  # the connection's keep_alive_timeout (virtual seconds)
 # The endpoint's body_timeout: relayd uses server.idle_timeout for both; the tests
 # tell them apart.
 BODY_TIMEOUT = 6.0
+# server.body_timeout: the whole body must arrive within this (virtual seconds)
+BODY_DEADLINE = 30.0
 MAX_BODY = 1024
 CLIENT = ("203.0.113.7", 40000)
 # Long enough for any test here in virtual time: only a deadlock reaches it.
@@ -73,8 +75,10 @@ class FakeEndpoint:
 
     max_body = MAX_BODY
     body_timeout = BODY_TIMEOUT
-    # The real 408 and its log line (they use nothing of the endpoint but body_timeout).
+    body_deadline = BODY_DEADLINE
+    # The real 408s and the log line (they use nothing of the endpoint but the timeouts).
     stalled = AskEndpoint.stalled
+    late = AskEndpoint.late
     failure = AskEndpoint.failure
 
     def __init__(self) -> None:
@@ -162,7 +166,8 @@ NOT_YET = b"<still running>"
 class Served:
     """An AskConnection.run in the test's nursery."""
 
-    result: bytes | None = NOT_YET
+    result: bytes | None = NOT_YET  # the bytes handed back to Hypercorn, if any
+    handed_idle_since: float | None = None  # and since when the connection was idle
     ended_at: float = -1.0
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -181,7 +186,12 @@ class Setup:
     stopping: list[bool]
 
     def terms(self, keep_alive: float = KEEP_ALIVE) -> ServerTerms:
-        return ServerTerms(WriteLimits(), keep_alive_timeout=keep_alive, stopping=self.is_stopping)
+        return ServerTerms(
+            WriteLimits(),
+            keep_alive_timeout=keep_alive,
+            stopping=self.is_stopping,
+            idle_since=trio.current_time(),
+        )
 
     def is_stopping(self) -> bool:
         return self.stopping[0]
@@ -198,7 +208,9 @@ class Setup:
         served = Served()
 
         async def run() -> None:
-            served.result = await connection.run(head)
+            handback = await connection.run(head)
+            served.result = None if handback is None else handback.data
+            served.handed_idle_since = None if handback is None else handback.idle_since
             served.ended_at = trio.current_time()
             served.done.set()
 
@@ -633,7 +645,7 @@ async def test_the_idle_time_after_a_refusal_counts_from_the_end_of_its_body(
     served = setup.start(refused[:-5])
     with trio.fail_after(LIMIT):
         assert (await setup.client.response()).status == 401
-        await trio.sleep(BODY_TIMEOUT * 0.8)
+        await trio.sleep(DISCARD_WAIT * 0.8)
         await setup.client.send(refused[-5:])  # the refused body ends now
         await trio.sleep(KEEP_ALIVE * 0.8)  # past KEEP_ALIVE since the refused head
         await setup.client.send(ask(b"next"))
@@ -666,7 +678,7 @@ async def test_a_refused_body_that_stops_arriving_ends_the_connection_without_a_
         assert (await setup.client.response()).status == 401
     answered_at = trio.current_time()
     assert await served.wait() is None
-    assert served.ended_at - answered_at == pytest.approx(BODY_TIMEOUT)
+    assert served.ended_at - answered_at == pytest.approx(DISCARD_WAIT)
     assert await setup.written_after_end() == b""
 
 
@@ -685,23 +697,113 @@ async def test_a_stalled_body_on_a_later_request_is_answered_408(
     assert len(setup.endpoint.calls) == 1
 
 
-async def test_a_body_trickling_in_with_short_gaps_is_served(
+async def test_a_body_trickling_in_with_short_gaps_is_served_within_the_body_deadline(
     setup: Setup, autojump_clock: trio.testing.MockClock
 ) -> None:
     body = b'{"content": "trickle"}'
     request = ask(body)
     body_start = len(request) - len(body)
     served = setup.start(request[:body_start])
-    started = trio.current_time()
-    with trio.fail_after(LIMIT * len(body)):
+    gap = BODY_DEADLINE / (len(body) + 1)
+    assert gap < BODY_TIMEOUT
+    with trio.fail_after(LIMIT):
         for byte in body:
-            await trio.sleep(BODY_TIMEOUT * 0.9)
+            await trio.sleep(gap)
             assert not served.done.is_set()
             await setup.client.send(bytes([byte]))
         assert_answer(await setup.client.response(), 0, body)
-    # Far longer than either allowance: each gap counts, not the whole body's time.
-    assert trio.current_time() - started == pytest.approx(BODY_TIMEOUT * 0.9 * len(body))
     assert not served.done.is_set()
+
+
+async def test_a_body_trickling_in_below_the_silence_limit_gets_408_at_the_body_deadline(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Each gap is within the silence limit, but the whole body takes too long:
+    one total deadline for the body, however it is sent (no slowloris)."""
+    body = b'{"content": "' + b"x" * 200 + b'"}'
+    request = ask(body)
+    served = setup.start(head_of(request))
+    started = trio.current_time()
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+
+            async def trickle() -> None:
+                for byte in body:
+                    await trio.sleep(BODY_TIMEOUT * 0.9)
+                    await setup.client.send(bytes([byte]))
+
+            nursery.start_soon(trickle)
+            response = await setup.client.response()
+            nursery.cancel_scope.cancel()
+    assert response.status == 408
+    assert response.json() == {
+        "error": f"the request body did not arrive within server.body_timeout ({BODY_DEADLINE:g} s)"
+    }
+    assert response.header(b"connection") == b"close"
+    assert trio.current_time() - started == pytest.approx(BODY_DEADLINE)
+    assert await served.wait() is None
+    assert setup.endpoint.calls == []
+
+
+async def test_a_refused_body_trickling_in_is_cut_off_at_the_discard_deadline(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The security review's case: a refusal (401, 429) before a large declared
+    body, then a byte every few seconds, held the socket for good."""
+    request = ask(b"x" * 1000, authorization=b"bad")
+    served = setup.start(head_of(request))
+    with trio.fail_after(LIMIT):
+        assert (await setup.client.response()).status == 401
+        answered_at = trio.current_time()
+        async with trio.open_nursery() as nursery:
+
+            async def trickle() -> None:
+                for byte in b"x" * 1000:
+                    await trio.sleep(DISCARD_WAIT / 10)
+                    await setup.client.send(bytes([byte]))
+
+            nursery.start_soon(trickle)
+            assert await served.wait() is None
+            nursery.cancel_scope.cancel()
+    assert served.ended_at - answered_at == pytest.approx(DISCARD_WAIT)
+
+
+async def test_a_head_trickling_in_gets_one_deadline_from_when_the_connection_opened(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The server loop read part of the head before handing the connection over:
+    the head's deadline still counts from the connection's start, not twice."""
+    opened = trio.current_time()
+    terms = setup.terms()
+    await trio.sleep(KEEP_ALIVE * 0.6)  # the server loop read for this long
+    request = ask(b"{}")
+    connection = AskConnection(
+        cast(AskEndpoint, setup.endpoint), setup.server, CLIENT, terms, HttpDate()
+    )
+    served = setup.start(request[:30], connection)
+    with trio.fail_after(LIMIT):
+        for byte in request[30:-10]:
+            await trio.sleep(0.1)
+            if served.done.is_set():
+                break
+            await setup.client.send(bytes([byte]))
+        assert await served.wait() is None
+    assert served.ended_at - opened == pytest.approx(KEEP_ALIVE)
+    assert setup.endpoint.calls == []
+
+
+async def test_a_hand_back_keeps_the_idle_time_of_the_connection(
+    setup: Setup, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A request for Hypercorn whose head starts arriving while the connection
+    is idle keeps the deadline counted from the start of that idle time."""
+    served = await one_answered(setup)
+    answered_at = trio.current_time()
+    with trio.fail_after(LIMIT):
+        await trio.sleep(KEEP_ALIVE * 0.5)
+        await setup.client.send(b"GET /health HTTP/1.1\r\n")
+        assert await served.wait() == b"GET /health HTTP/1.1\r\n"
+    assert served.handed_idle_since == pytest.approx(answered_at, abs=0.01)
 
 
 # -- Expect: 100-continue ----------------------------------------------------------------
@@ -854,7 +956,9 @@ async def test_a_client_that_never_reads_loses_the_connection_by_the_write_deadl
 ) -> None:
     server, client = trio.testing.lockstep_stream_pair()  # a write waits for a read
     endpoint = FakeEndpoint()
-    terms = ServerTerms(WriteLimits(), keep_alive_timeout=KEEP_ALIVE, stopping=lambda: False)
+    terms = ServerTerms(
+        WriteLimits(), keep_alive_timeout=KEEP_ALIVE, stopping=lambda: False, idle_since=0.0
+    )
     connection = AskConnection(cast(AskEndpoint, endpoint), server, CLIENT, terms, HttpDate())
     started = trio.current_time()
     with trio.fail_after(LIMIT):

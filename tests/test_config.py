@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "server.log_level": "info",
     "server.shutdown_grace": 30.0,
     "server.idle_timeout": 10.0,
+    "server.body_timeout": 60.0,
     "auth.admin_key_file": None,
     "auth.failure_burst": 10,
     "auth.failure_interval": 6.0,
