@@ -146,8 +146,9 @@ class AskConnection:
                     continue
             arrival = await self._receive_body(head, self._endpoint.body_deadline)
             if arrival in ("stalled", "late"):
-                timeout = self._endpoint.stalled() if arrival == "stalled" else self._endpoint.late()
-                reply = self._endpoint.failure(timeout, caller[1] if caller else "-")
+                endpoint = self._endpoint
+                timeout = endpoint.stalled() if arrival == "stalled" else endpoint.late()
+                reply = endpoint.failure(timeout, caller[1] if caller else "-")
                 await self._write(self._response(reply, close=True))
             if arrival != "whole":
                 return None

@@ -156,6 +156,9 @@ SCHEMA: Mapping[str, Mapping[str, Key]] = {
         "admin_key_file": Key("path", None, optional=True),
         "failure_burst": Key("int", 10, minimum=1, maximum=1_000_000),
         "failure_interval": Key("duration", "6s", minimum=0, maximum=86400),
+        "prefix_failure_burst": Key("int", 40, minimum=1, maximum=1_000_000),
+        "ipv4_prefix": Key("int", 24, minimum=8, maximum=32),
+        "ipv6_prefix": Key("int", 64, minimum=16, maximum=128),
     },
     "agents": {
         "keys": Key("str-list", ()),
@@ -203,6 +206,9 @@ class AuthConfig:
     admin_key_file: Path | None
     failure_burst: int
     failure_interval: float
+    prefix_failure_burst: int
+    ipv4_prefix: int
+    ipv6_prefix: int
 
 
 @dataclass(frozen=True)

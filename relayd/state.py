@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -35,6 +36,18 @@ def load_agent_keys(config: Config) -> AgentKeys:
     if config.agents.keys_file is not None:
         keys = keys + read_keys_file(config.agents.keys_file)
     return AgentKeys.of(keys, allow_loopback_without_key=config.agents.allow_loopback_without_key)
+
+
+def throttle_settings(config: Config) -> dict[str, Any]:
+    """The ``[auth]`` settings of the failed-authentication throttle."""
+    auth = config.auth
+    return {
+        "burst": auth.failure_burst,
+        "interval": auth.failure_interval,
+        "prefix_burst": auth.prefix_failure_burst,
+        "ipv4_prefix": auth.ipv4_prefix,
+        "ipv6_prefix": auth.ipv6_prefix,
+    }
 
 
 @dataclass(frozen=True)
@@ -68,9 +81,7 @@ class RelayState:
         self.dispatcher.credential_valid = lambda credential: self.agent_keys.still_valid(
             credential
         )
-        self.throttle = FailureThrottle(
-            burst=self.config.auth.failure_burst, interval=self.config.auth.failure_interval
-        )
+        self.throttle = FailureThrottle(**throttle_settings(self.config))
 
     def apply(self, snapshot: Snapshot) -> None:
         """Swap in a reloaded snapshot; disconnect agents whose key is gone."""
@@ -80,9 +91,7 @@ class RelayState:
             snapshot.agent_keys,
         )
         self.dispatcher.apply_config(snapshot.config)
-        self.throttle.configure(
-            burst=snapshot.config.auth.failure_burst, interval=snapshot.config.auth.failure_interval
-        )
+        self.throttle.configure(**throttle_settings(snapshot.config))
         for hook in self.reload_hooks:
             hook(snapshot.config)
         for session in self.dispatcher.pool:

@@ -146,11 +146,14 @@ def redact_path(path: str) -> str:
 
 
 class Gate:
-    """Credential checks for HTTP routes, with per-address failure throttling.
+    """Credential checks for HTTP routes, with failure throttling (:mod:`relayd.throttle`).
 
-    Every check first refuses an address that has failed too often (429), and
-    every failure is counted against the address and logged (never the
-    credential itself).
+    A valid user token is checked first and always passes: it cannot be
+    guessed, so it needs no throttle, and a client sharing an address with a
+    broken or hostile one keeps its service. Everything else (the admin key,
+    a missing or unknown credential) is refused with 429 while the address
+    or its prefix is locked, before the admin key is compared; every failure
+    is counted and logged (never the credential itself).
     """
 
     def __init__(self, state: RelayState) -> None:
@@ -161,28 +164,44 @@ class Gate:
         if wait is not None:
             raise RateLimited(retry_after=wait)
 
-    def _failed(self, message: str, address: str, path: str) -> Unauthorized:
-        self._state.throttle.failed(address, trio.current_time())
+    def _failed(self, message: str, address: str, path: str, count: int = 1) -> Unauthorized:
+        self._state.throttle.failed(address, trio.current_time(), count)
         log.info("authentication failed: %s remote=%s path=%s", message, address, redact_path(path))
         return Unauthorized(message)
 
     def user(self, header: str | None, address: str, path: str) -> tuple[User | None, str]:
         """``(user, user id for logs)`` for a user token or the admin key (user None)."""
-        self._check_throttle(address)
         token = token_from_header(header)
+        if token is not None:
+            user = self._state.users.authenticate(token)  # one hash, one lookup
+            if user is not None:
+                return user, user.user_id
+        self._check_throttle(address)
         if token is None:
             raise self._failed("missing Authorization header (a user token)", address, path)
-        user = self._state.users.authenticate(token)
-        if user is not None:
-            return user, user.user_id
         if self._state.admin.verify(token):
             return None, "admin"
         raise self._failed("invalid token", address, path)
 
     def admin(self, candidates: list[str], address: str, path: str) -> None:
-        """Pass if any candidate is the admin key."""
+        """Pass if any candidate is the admin key.
+
+        Each candidate compared is an attempt and counts as one failure if it
+        is wrong; no more are compared than the address may still fail (the
+        rest get the 429 of a locked address).
+        """
         self._check_throttle(address)
         if not candidates:
             raise self._failed("the admin key is required", address, path)
-        if not any(self._state.admin.verify(candidate) for candidate in candidates):
-            raise self._failed("invalid admin key", address, path)
+        allowed = self._state.throttle.allowance(address, trio.current_time())
+        wrong = 0
+        for candidate in candidates[:allowed]:
+            if self._state.admin.verify(candidate):
+                if wrong:
+                    self._state.throttle.failed(address, trio.current_time(), wrong)
+                return
+            wrong += 1
+        refusal = self._failed("invalid admin key", address, path, wrong)
+        if wrong < len(candidates):  # the address ran out of attempts on the way
+            self._check_throttle(address)
+        raise refusal

@@ -50,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
     "auth.admin_key_file": None,
     "auth.failure_burst": 10,
     "auth.failure_interval": 6.0,
+    "auth.prefix_failure_burst": 40,
+    "auth.ipv4_prefix": 24,
+    "auth.ipv6_prefix": 64,
     "agents.keys": (),
     "agents.keys_file": None,
     "agents.allow_loopback_without_key": True,
@@ -659,7 +662,7 @@ def test_example_file_shows_the_defaults() -> None:
     assert EXAMPLE.is_file(), f"{EXAMPLE} is missing"
     checked = 0
     for section, text in _sections_of_example().items():
-        for match in re.finditer(r"^\s*#\s*([a-z_]+)\s*=(.*)$", text, re.MULTILINE):
+        for match in re.finditer(r"^\s*#\s*([a-z0-9_]+)\s*=(.*)$", text, re.MULTILINE):
             name, raw = match[1], match[2]
             dotted = f"{section}.{name}"
             if dotted not in DEFAULTS or DEFAULTS[dotted] is None:

@@ -1203,7 +1203,7 @@ def test_failure_throttle_is_per_address() -> None:
     throttle.failed("10.0.0.1", 110.0)
     assert throttle.retry_after("10.0.0.1", 110.0) == pytest.approx(10.0)
     # Bounded memory.
-    small = FailureThrottle(burst=1, interval=60.0, max_addresses=100)
+    small = FailureThrottle(burst=1, interval=60.0, max_entries=100)
     for number in range(1000):
         small.failed(f"10.1.{number // 256}.{number % 256}", 0.0)
     assert len(small) == 100

@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 
@@ -68,6 +68,7 @@ timeout = "20s"
 SMALL_CONFIG = '[requests]\nqueue_timeout = "2s"\ntimeout = "10s"\n'
 EXAMPLES_PER_PATH = 40
 LONE_SURROGATE = "holds a lone surrogate"
+BOM = b"\xef\xbb\xbf"
 
 
 # -- an echo agent that keeps what it was sent ---------------------------------------------
@@ -186,7 +187,8 @@ def holds_lone_surrogate(value: object) -> bool:
     return False
 
 
-SPECIALS = [
+# Strings JSON carries that are Unicode: relayed intact.
+CLEAN = [
     "\x00",
     "\x00\x00",
     "\x1f\x7f",
@@ -202,52 +204,79 @@ SPECIALS = [
     '"',
     "\\",
     "\u2028\u2029",
-    "\ud800",
-    "\udbff",
-    "\udc00",
-    "\udfff",
-    "\udc00\ud800",  # low then high: two lone surrogates, not a pair
-    "\ud800\ud800",
 ]
-any_character = st.characters(exclude_categories=())  # every code point, surrogates too
+# Lone surrogates, high and low, alone or in twos that are not a pair.
+DIRTY = ["\ud800", "\udbff", "\udc00", "\udfff", "\udc00\ud800", "\ud800\ud800", "\udfff\udfff"]
+# Every code point but the surrogates, and the surrogates.
+unicode_text = st.text(st.characters(), max_size=6)
 surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, exclude_categories=())
-pieces = st.text(any_character, max_size=6) | st.sampled_from(SPECIALS) | surrogates
-short_strings = st.lists(pieces, max_size=4).map("".join)
+clean_strings = st.lists(unicode_text | st.sampled_from(CLEAN), max_size=4).map("".join)
+lone = st.sampled_from(DIRTY) | surrogates
+
+
+def inserted(text: str, bad: str, position: int) -> str:
+    """``bad`` put into ``text`` at ``position`` (modulo its length): first, last or inside."""
+    position %= len(text) + 1
+    return text[:position] + bad + text[position:]
 
 
 def repeated(piece: str, length: int) -> str:
     return (piece * (length // len(piece) + 1))[:length]
 
 
-# 20,000 to 100,000 characters: up to about 400 KB of UTF-8, so over max_content sometimes.
-long_strings = st.builds(repeated, short_strings.filter(bool), st.integers(20_000, 100_000))
-strings = st.one_of(short_strings, short_strings, short_strings, long_strings)
+dirty_strings = st.builds(inserted, clean_strings, lone, st.integers(0, 1000))
+# 20,000 to 100,000 characters: up to about 400 KB of UTF-8, over max_content at times.
+long_clean = st.builds(repeated, clean_strings.filter(bool), st.integers(20_000, 100_000))
+long_dirty = st.builds(inserted, long_clean, lone, st.integers(0, 100_000))
+
+
+@st.composite
+def strings(draw: st.DrawFn, dirty: int = 2, long: int = 1) -> str:
+    """A string, of every kind JSON can carry: of ten draws, ``dirty`` hold a lone
+    surrogate and ``long`` are long (one in ten of those long and dirty)."""
+    kind = draw(st.integers(0, 9))
+    if kind < long:
+        return draw(long_dirty if draw(st.integers(0, 9)) == 0 else long_clean)
+    return draw(dirty_strings if kind < long + dirty else clean_strings)
+
+
 ABSENT = object()
-optional_strings = st.one_of(st.just(ABSENT), st.none(), st.just(""), short_strings, strings)
+
+
+@st.composite
+def optional_strings(draw: st.DrawFn) -> object:
+    """Mostly "not given" (absent, null, ""), so that the ask can succeed."""
+    kind = draw(st.integers(0, 9))
+    if kind < 6:
+        return draw(st.sampled_from([ABSENT, ABSENT, None, ""]))
+    return draw(strings(dirty=4, long=1))
+
+
 KNOWN = {"content", "conversation_id", "parent_id"}
-extra_names = st.sampled_from(["extra", "model", "messages"]) | short_strings.filter(
+extra_names = st.sampled_from(["extra", "model", "messages"]) | strings(dirty=1, long=0).filter(
     lambda name: name not in KNOWN
 )
 extra_values = (
-    strings
-    | st.lists(short_strings, max_size=3)
-    | st.dictionaries(short_strings, short_strings, max_size=2)
+    strings()
+    | st.lists(strings(long=0), max_size=3)
+    | st.dictionaries(strings(long=0), strings(long=0), max_size=2)
     | st.integers()
+    | st.none()
 )
 
 
 @st.composite
 def documents(draw: st.DrawFn) -> dict[str, Any]:
-    """An /api/ask body: content, maybe conversation_id, parent_id and an unknown field."""
+    """An /api/ask body: content, maybe conversation_id and parent_id, maybe an
+    unknown field; in any order."""
     document: dict[str, Any] = {}
-    content = draw(st.one_of(strings, strings, strings, st.just(ABSENT)))
-    if content is not ABSENT:
-        document["content"] = content
+    if draw(st.integers(0, 19)) > 0:
+        document["content"] = draw(strings())
     for name in ("conversation_id", "parent_id"):
-        value = draw(optional_strings)
+        value = draw(optional_strings())
         if value is not ABSENT:
             document[name] = value
-    if draw(st.booleans()):
+    if draw(st.integers(0, 2)) == 0:
         document[draw(extra_names)] = draw(extra_values)
     order = draw(st.permutations(list(document)))
     return {name: document[name] for name in order}
@@ -297,12 +326,11 @@ async def check_example(
     agent: EchoAgent,
     path: str,
     raw: bytes,
+    decoded: dict[str, Any],
+    expected: Expected,
 ) -> None:
-    """One example: POST ``raw``, check the answer against the oracle and what the
-    agent got, then that no slot is left taken."""
-    decoded = json.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
-    expected = expected_answer(decoded)
-    event(f"{path}: {expected.status} {expected.error or ''}".strip())
+    """One example: POST ``raw`` (``decoded`` as relayd decodes it), check the answer
+    against ``expected`` and what the agent got, then that no slot is left taken."""
     before = len(agent.requests)
     with trio.fail_after(30):
         response = await send_ask(relayd, raw, path)
@@ -335,7 +363,7 @@ def encode_body(document: dict[str, Any], ensure_ascii: bool, bom: bool) -> byte
         raw = json.dumps(document, ensure_ascii=False).encode("utf-8")
     else:
         raw = json.dumps(document).encode("ascii")
-    return b"\xef\xbb\xbf" + raw if bom else raw
+    return BOM + raw if bom else raw
 
 
 @pytest.mark.slow
@@ -347,6 +375,7 @@ async def test_any_json_string_is_relayed_intact_or_refused_without_leaking_a_sl
     with trio.fail_after(150):
         async with trio.open_nursery() as nursery, client(relayd) as http:
             agent = await start_echo(nursery, http, relayd)
+            outcomes: dict[str, int] = {}
 
             @settings(
                 max_examples=EXAMPLES_PER_PATH,
@@ -360,14 +389,25 @@ async def test_any_json_string_is_relayed_intact_or_refused_without_leaking_a_sl
                 bom=st.booleans(),
                 way=st.sampled_from(HYPERCORN_WAYS),
             )
+            @example({"content": "\ud800"}, True, False, "chunked")
+            @example({"content": "x", "parent_id": "\udfff"}, True, False, "after-health")
+            @example({"content": "\x00\uffff\ud83d\ude00", "parent_id": "\\ud800"}, True, True, "chunked")
+            @example({"content": "\ufeff\U0001f600\ufffe"}, False, False, "after-health")
             def prop(document: dict[str, Any], ensure_ascii: bool, bom: bool, way: str) -> None:
                 raw = encode_body(document, ensure_ascii, bom)
-                trio.from_thread.run(
-                    check_example, relayd, http, agent, way if path == "hypercorn" else path, raw
-                )
+                decoded = json.loads(raw.removeprefix(BOM).decode("utf-8"))
+                expected = expected_answer(decoded)
+                outcome = f"{expected.status} {expected.error or ''}".strip()
+                event(outcome)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                used = way if path == "hypercorn" else path
+                trio.from_thread.run(check_example, relayd, http, agent, used, raw, decoded, expected)
 
             await trio.to_thread.run_sync(prop)
             nursery.cancel_scope.cancel()
+    print(f"outcomes on {path}: {outcomes}")
+    # The explicit examples make sure both kinds of answer were seen.
+    assert outcomes.get("200", 0) >= 2 and outcomes.get(f"400 {LONE_SURROGATE}", 0) >= 2, outcomes
     assert relayd.process.poll() is None
     log = relayd.log
     assert "Traceback" not in log and " ERROR " not in log, log[-4000:]
