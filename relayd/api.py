@@ -233,6 +233,46 @@ async def _no_websocket_route(scope: Scope, receive: Receive, send: Send) -> Non
         await deny_websocket(scope, send, 404, message)
 
 
+def _has_conflicting_framing(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Both ``Transfer-Encoding`` and ``Content-Length``: RFC 9112, 6.3 says the
+    request must be rejected or its connection closed after it, since a proxy
+    in front may have framed it the other way (request smuggling)."""
+    names = {name.lower() for name, _ in headers}
+    return b"transfer-encoding" in names and b"content-length" in names
+
+
+async def _refuse_framing(scope: Scope, receive: Receive, send: Send) -> None:
+    """400 and ``Connection: close``, without reading the body: Hypercorn then
+    closes the connection, and nothing sent after the request is served."""
+    message = "a request with both Transfer-Encoding and Content-Length is refused"
+    log.info("request refused: %s path=%s", message, redact_path(scope["path"]))
+    if scope["type"] == "websocket":
+        if (await receive())["type"] == "websocket.connect":
+            await deny_websocket(scope, send, 400, message)
+        return
+    body = error_body(message)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _origin_form(scope: Scope) -> Scope:
+    """A request target in absolute form (``POST http://host/api/ask``, RFC 9112,
+    3.2.2) served as its path; other targets (``*``) are left as they are."""
+    scheme, separator, rest = scope["path"].partition("://")
+    if not separator or scheme.lower() not in ("http", "https", "ws", "wss"):
+        return scope
+    path = "/" + rest.partition("/")[2]
+    raw_path: bytes = scope.get("raw_path") or b""
+    _, _, raw_rest = raw_path.partition(b"://")
+    raw = b"/" + raw_rest.partition(b"/")[2]
+    return {**scope, "path": path, "raw_path": raw.partition(b"?")[0]}
+
+
 def agent_endpoint(state: RelayState) -> AgentEndpoint:
     """The agents' endpoint; the daemon also hands it to the server loop (wire path)."""
     return AgentEndpoint(state.dispatcher, lambda: state.agent_keys, state.throttle)
@@ -254,6 +294,11 @@ def create_asgi_app(
         # Returns the handler's coroutine rather than awaiting it: one frame fewer
         # on every connection's stack (memory per idle agent is a measured target).
         kind = scope["type"]
+        if kind in ("http", "websocket"):
+            if _has_conflicting_framing(scope["headers"]):
+                return _refuse_framing(scope, receive, send)
+            if not scope["path"].startswith("/"):
+                scope = _origin_form(scope)
         if kind == "http" and scope["path"] == "/api/ask":
             return ask(scope, receive, send)
         if kind == "websocket":

@@ -11,6 +11,7 @@ import codecs
 import datetime as dt
 import json
 import logging
+import re
 from typing import Any
 
 import trio
@@ -137,12 +138,24 @@ def token_from_header(header: str | None) -> str | None:
     return header.strip()
 
 
+# "agent" as a path segment (any case, after any run of slashes), and whatever
+# follows it up to a "client/register" tail or the end: where an agent key is.
+_AGENT_KEY_IN_PATH = re.compile(r"(?i)(/agent/+)(.*?)(/+client/register/*$|$)")
+
+
 def redact_path(path: str) -> str:
-    """``/agent/<key>/...`` with the key hidden, for messages that echo a path."""
-    if path.startswith("/agent/"):
-        _, _, rest = path[len("/agent/") :].partition("/")
-        return "/agent/<key>/" + rest
-    return path
+    """``path`` with any agent key in it hidden, for messages and logs that echo it.
+
+    Keys travel as ``/agent/<key>/client/register``, but a path of any other
+    shape may carry one too (``//agent/KEY/client/register``,
+    ``/AGENT/KEY/``, ``/x/agent/KEY``): everything after an ``agent``
+    segment, up to a ``client/register`` tail, is hidden, whatever the shape.
+    """
+    if "agent" not in path.lower():
+        return path
+    return _AGENT_KEY_IN_PATH.sub(
+        lambda match: match[1] + ("<key>" if match[2] else "") + match[3], path
+    )
 
 
 class Gate:

@@ -1,0 +1,133 @@
+"""Request framing and targets a real relayd must refuse or normalise, and agent
+keys that no error body may echo (the security review's low findings).
+
+Against a real relayd subprocess over raw loopback sockets.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from tests.raw_http import RawClient
+from tests.support import Relayd
+from tests.test_ask_wire_e2e import HOST, NO_AGENT, get_request, open_connection
+
+KEY = "s3cret-agent-key-Zq9"
+
+SMUGGLED = (
+    b"POST /api/ask HTTP/1.1\r\nHost: relay.example\r\n"
+    b"Authorization: %s\r\n"
+    b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
+    b"0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [b"", get_request("/health")],
+    ids=["first-request", "after-another-on-hypercorn"],
+)
+async def test_transfer_encoding_with_content_length_is_400_and_the_connection_closes(
+    relayd: Relayd, first: bytes
+) -> None:
+    """RFC 9112, 6.3: such a request may be framed differently by a proxy in
+    front; it is refused, and nothing sent after it on the connection is served."""
+    client = await open_connection(relayd)
+    smuggled = SMUGGLED % relayd.admin_key.encode()
+    with trio.fail_after(10):
+        await client.send(first + smuggled + get_request("/admin/users", b"Authorization: x"))
+        if first:
+            assert (await client.response()).status == 200
+        response = await client.response()
+        assert response.status == 400
+        assert response.header(b"connection") == b"close"
+        assert "Transfer-Encoding and Content-Length" in response.json()["error"]
+        assert await client.rest() == b""  # the appended request was never answered
+    await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/agent/{KEY}/client/register",
+        f"//agent/{KEY}/client/register",
+        f"/agent//{KEY}/client/register",
+        f"/agent/{KEY}//client/register",
+        f"/AGENT/{KEY}/client/register",
+        f"/Agent/{KEY}/client/register/",
+        f"/x/agent/{KEY}/client/register",
+        f"/agent/{KEY}",
+        f"/agent/{KEY}/",
+        f"/agent/{KEY}/other",
+        f"///agent///{KEY}///client///register",
+        f"/agent/prefix/{KEY}/client/register",
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE", "GET-upgrade"])
+async def test_no_error_body_or_log_line_echoes_an_agent_key(
+    relayd: Relayd, path: str, method: str
+) -> None:
+    client = await open_connection(relayd)
+    extra = b""
+    verb = method.removesuffix("-upgrade")
+    if method == "GET-upgrade":
+        extra = (
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        )
+    request = (
+        verb.encode() + b" " + path.encode() + b" HTTP/1.1\r\nHost: relay.example\r\n"
+        b"Content-Length: 0\r\n" + extra + b"\r\n"
+        if verb != "GET"
+        else verb.encode()
+        + b" "
+        + path.encode()
+        + b" HTTP/1.1\r\nHost: relay.example\r\n"
+        + extra
+        + b"\r\n"
+    )
+    with trio.fail_after(10):
+        await client.send(request)
+        response = await client.response()
+    await client.aclose()
+    assert response.status != 101 or path in {f"/agent/{KEY}/client/register"}, response
+    assert KEY.encode() not in response.body, (path, response.body)
+    assert KEY.encode() not in b"".join(value for _, value in response.headers)
+    assert KEY not in relayd.log
+
+
+@pytest.mark.parametrize("scheme", ["http", "HTTP", "https"])
+async def test_an_absolute_form_target_is_served_as_its_path(relayd: Relayd, scheme: str) -> None:
+    """RFC 9112, 3.2.2: a server must accept the absolute form."""
+    client = await open_connection(relayd)
+    body = json.dumps({"content": "hello"}).encode()
+    with trio.fail_after(10):
+        await client.send(
+            b"POST " + scheme.encode() + b"://relay.example:8080/api/ask HTTP/1.1\r\n"
+            b"Host: relay.example\r\nAuthorization: " + relayd.admin_key.encode() + b"\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        response = await client.response()
+        assert (response.status, response.json()) == (503, NO_AGENT)  # /api/ask, no agent
+        await client.send(
+            get_request(f"{scheme}://relay.example/admin/users?admin_key={relayd.admin_key}")
+        )
+        response = await client.response()
+        assert response.status == 200
+        assert "users" in response.json()
+        await client.send(get_request(f"{scheme}://relay.example/health"))
+        assert (await client.response()).status == 200
+    await client.aclose()
+
+
+async def test_an_asterisk_target_is_not_mistaken_for_a_path(relayd: Relayd) -> None:
+    stream = await trio.open_tcp_stream(HOST, relayd.port)
+    client = RawClient(stream)
+    with trio.fail_after(10):
+        await client.send(b"OPTIONS * HTTP/1.1\r\nHost: relay.example\r\n\r\n")
+        response = await client.response()
+    assert response.status in (200, 204, 400, 404, 405)
+    await client.aclose()
