@@ -295,6 +295,5 @@ def test_scripts_refuse_to_clobber(tmp_path: Path, config_src: Path) -> None:
 
 def test_shellcheck() -> None:
     shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    assert shellcheck is not None, "shellcheck is not installed: apt-get install shellcheck"
     subprocess.run([shellcheck, str(INSTALL), str(UNINSTALL)], check=True, timeout=60)
