@@ -104,10 +104,17 @@ def decode_frame(text: str) -> tuple[str, str, str]:
             raise RemoteProtocolError(f"frame field {name!r} is {_json_type(value)}, not a string")
         values.append(value)
     if may_hold_surrogate(text):
-        problem = unencodable_string(dict(zip(("id", "message", "data"), values, strict=True)))
+        # ``data`` is left to the caller: a reply whose data is not Unicode still
+        # names the request it ends, which must fail rather than wait forever.
+        problem = unencodable_string({"id": values[0], "message": values[1]})
         if problem is not None:
             raise RemoteProtocolError(f"frame {problem} holds a lone surrogate: not Unicode")
     return values[0], values[1], values[2]
+
+
+def _not_unicode(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (``decode_frame`` leaves ``data`` unchecked)."""
+    return not text.isascii() and unencodable_string(text) is not None
 
 
 def _json_type(value: Any) -> str:
@@ -235,7 +242,13 @@ class RelayConnection:
                 )
             del self._outstanding[frame_id]
             if kind == ERROR:
+                if _not_unicode(data):  # the text is only shown: keep what it says
+                    data = data.encode("utf-8", "backslashreplace").decode("utf-8")
                 return AgentError(frame_id, data or "agent reported an error")
+            if _not_unicode(data):
+                return AgentError(
+                    frame_id, "malformed reply: data holds a lone surrogate", malformed=True
+                )
             fields = _decode_data(data, _REPLY_FIELDS)
             if isinstance(fields, str):
                 return AgentError(frame_id, f"malformed reply: {fields}", malformed=True)
