@@ -88,14 +88,15 @@ done
 # The config is the admin's once installed: never overwrite it.
 mkdir -p -- "$destdir$confdir"
 config=$destdir$confdir/relayd.toml
-config_note="installed $confdir/relayd.toml"
+# Every path printed is the one written (under DESTDIR when there is one).
+config_note="installed $config"
 if [ ! -e "$config" ]; then
     install -m 0644 -- "$config_src" "$config"
 elif cmp -s -- "$config_src" "$config"; then
-    config_note="$confdir/relayd.toml unchanged"
+    config_note="$config unchanged"
 else
     install -m 0644 -- "$config_src" "$config.dist"
-    config_note="kept your edited $confdir/relayd.toml; the new default is $confdir/relayd.toml.dist (compare with: diff -u $confdir/relayd.toml $confdir/relayd.toml.dist)"
+    config_note="kept your edited $config; the new default is $config.dist (compare with: diff -u $config $config.dist)"
 fi
 
 if [ -z "$destdir" ] && [ -d /run/systemd/system ]; then

@@ -66,9 +66,9 @@ fi
 if [ "$purge" = 1 ]; then
     rm -rf -- "$destdir$confdir" "$destdir$statedir" \
         "$destdir$(dirname -- "$statedir")/private/$(basename -- "$statedir")"
-    echo "relayd removed, including $confdir and $statedir (--purge)"
+    echo "relayd removed, including $destdir$confdir and $destdir$statedir (--purge)"
 else
-    echo "relayd removed; kept $confdir and $statedir (use --purge to delete them)"
+    echo "relayd removed; kept $destdir$confdir and $destdir$statedir (use --purge to delete them)"
 fi
 
 if [ "$systemd_running" = 1 ]; then

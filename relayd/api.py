@@ -116,6 +116,20 @@ def create_app(state: RelayState) -> Quart:
             candidates.append(request.args["admin_key"])
         gate.admin(candidates, request.remote_addr or "unix", request.path)
 
+    async def admin_body() -> dict[str, Any]:
+        """The JSON body of an admin POST, the admin key checked.
+
+        A key in the ``Authorization`` header or the query is checked before
+        the body is read, so a wrong one is a 401 whatever the body holds;
+        only without one does the key come from the body's ``admin_key``.
+        """
+        if request.headers.get("Authorization") or "admin_key" in request.args:
+            require_admin()
+            return await read_json_object()
+        document = await read_json_object()
+        require_admin(document)
+        return document
+
     @app.errorhandler(RelayError)
     async def relay_error(error: RelayError) -> Response:
         status = status_of(error)
@@ -175,8 +189,7 @@ def create_app(state: RelayState) -> Quart:
 
     @app.post("/admin/users/add")
     async def add_user() -> Response:
-        document = await read_json_object()
-        require_admin(document)
+        document = await admin_body()
         name = optional_string(document, "name")
         if name is not None and (len(name) > 200 or not name.isprintable()):
             raise BadRequest("name must be printable and at most 200 characters")
@@ -191,8 +204,7 @@ def create_app(state: RelayState) -> Quart:
 
     @app.post("/admin/users/delete")
     async def delete_user() -> Response:
-        document = await read_json_object()
-        require_admin(document)
+        document = await admin_body()
         user_id = document.get("user_id")
         if not isinstance(user_id, str) or not user_id:
             raise BadRequest("user_id must be a non-empty string")
@@ -231,6 +243,23 @@ async def _no_websocket_route(scope: Scope, receive: Receive, send: Send) -> Non
     if (await receive())["type"] == "websocket.connect":
         message = f"no WebSocket route {redact_path(scope['path'])}"
         await deny_websocket(scope, send, 404, message)
+
+
+async def _upgrade_required(send: Send) -> None:
+    """An agent path asked without a WebSocket upgrade: say what the path is for
+    (a 404 would read as "this endpoint does not exist")."""
+    body = error_body(
+        "agents connect here over WebSocket (a GET with Upgrade: websocket); "
+        "API clients use /api/ask"
+    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"upgrade", b"websocket"),
+        (b"connection", b"upgrade"),
+    ]
+    await send({"type": "http.response.start", "status": 426, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _has_conflicting_framing(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -299,8 +328,11 @@ def create_asgi_app(
                 return _refuse_framing(scope, receive, send)
             if not scope["path"].startswith("/"):
                 scope = _origin_form(scope)
-        if kind == "http" and scope["path"] == "/api/ask":
-            return ask(scope, receive, send)
+        if kind == "http":
+            if scope["path"] == "/api/ask":
+                return ask(scope, receive, send)
+            if agent_key_from_path(scope["path"])[0]:
+                return _upgrade_required(send)
         if kind == "websocket":
             if agent_key_from_path(scope["path"])[0]:
                 return agents(scope, receive, send)

@@ -80,6 +80,8 @@ class AskWire:
             parse_ask_head(head, self._endpoint.max_body)
         except NotSimple:
             return None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection served on the wire path: remote=%s", _remote(client))
         return AskConnection(self._endpoint, stream, client, terms, self._date).run(head)
 
 
@@ -89,6 +91,7 @@ class AskConnection:
     __slots__ = (
         "_address",
         "_answered",
+        "_client",
         "_date",
         "_drained",
         "_endpoint",
@@ -111,6 +114,7 @@ class AskConnection:
     ) -> None:
         self._endpoint = endpoint
         self._stream = stream
+        self._client = client
         self._address = client[0] if client else "unix"
         self._terms = terms
         self._date = date
@@ -133,7 +137,10 @@ class AskConnection:
         while not self._over:
             head = await self._next_head()
             if not isinstance(head, AskHead):
-                return None if head is None else HandBack(head, self._idle_since)
+                if head is None:
+                    return None
+                log.debug("connection handed to Hypercorn: remote=%s", _remote(self._client))
+                return HandBack(head, self._idle_since)
             caller: Caller | None = None
             if len(self._inbox) < head.end:
                 # The body is still on its way: check the credentials first, as
@@ -277,3 +284,7 @@ class AskConnection:
             return None
         self._drained = 0 < len(data) < RECEIVE_SIZE
         return data
+
+
+def _remote(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "unix"

@@ -29,12 +29,20 @@ from typing import TYPE_CHECKING, NoReturn
 import trio
 
 from relayd import __version__, logs
-from relayd.config import Config, ConfigError, listen_address_problem, load_config
+from relayd.config import (
+    LOG_LEVELS,
+    Config,
+    ConfigError,
+    listen_address_problem,
+    load_config,
+    plural,
+)
 from relayd.locate import (
     AdminKeyError,
     find_admin_key,
     find_config_path,
     find_state_dir,
+    is_system_install,
     prepare_state_dir,
 )
 from relayd.state import RelayState, load_agent_keys
@@ -57,11 +65,25 @@ def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     sys.exit(code)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _default_state_dir(environ: dict[str, str]) -> str:
+    """The state directory relayd would use with no --state-dir, for --help."""
+    try:
+        config = load_config(find_config_path(None, environ))
+    except ConfigError:
+        return "see docs/configuration.md (the config file has an error)"
+    return str(_state_dir(None, config, environ))
+
+
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    state_default = _default_state_dir(dict(os.environ) if environ is None else environ)
     parser = argparse.ArgumentParser(
         prog="relayd",
         description="Relay HTTP API requests to WebSocket agents (ChatGPT-API-server compatible).",
-        epilog="With no command, relayd serves. See README.md for the configuration.",
+        usage=(
+            "relayd [COMMAND] [--config PATH] [--listen ADDR]... [--state-dir DIR]\n"
+            f"       {SEED_USAGE}   (ChatGPT-API-server's form)"
+        ),
+        epilog="With no command, relayd serves. See README.md and docs/ for the configuration.",
     )
     parser.add_argument("--version", action="version", version=f"relayd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -80,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                 type=Path,
                 default=default,
                 metavar="DIR",
-                help="where users.toml and the admin key live (default: see README)",
+                help=f"where users.toml and the admin key live (default here: {state_default})",
             )
 
     serve = commands.add_parser("serve", help="run the daemon (the default)")
@@ -90,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ADDR",
         help="host:port, [v6]:port, unix:/path or fd://N; repeatable; overrides server.listen",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help=f"one of {', '.join(LOG_LEVELS)}; overrides server.log_level, also on reload",
     )
 
     check = commands.add_parser("check-config", help="validate the config file and exit")
@@ -124,25 +152,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SEED_USAGE = "relayd PORT ADMIN_KEY [-listen HOST]"
+
+
 def _seed_arguments(argv: list[str]) -> argparse.Namespace | None:
-    """ChatGPT-API-server's ``PORT ADMIN_KEY [-listen ADDR]``, or None if not that form."""
+    """ChatGPT-API-server's ``PORT ADMIN_KEY [-listen HOST]``, or None if not that form.
+
+    As with the Go flag package it came from, ``-listen HOST``, ``-listen=HOST``
+    and the double-dash spellings are all accepted; the port is always the
+    first argument, so ``-listen`` takes a host alone.
+    """
     if not argv or not argv[0].isdigit():
         return None
-    parser = argparse.ArgumentParser(prog="relayd", usage="relayd PORT ADMIN_KEY [-listen ADDR]")
+    parser = argparse.ArgumentParser(prog="relayd", usage=SEED_USAGE)
     parser.add_argument("port", type=int)
     parser.add_argument("admin_key")
-    parser.add_argument("--listen", metavar="ADDR", default="127.0.0.1")
+    parser.add_argument("-listen", "--listen", metavar="HOST", default="127.0.0.1")
     parser.add_argument("--config", type=Path, metavar="PATH")
     parser.add_argument("--state-dir", type=Path, metavar="DIR")
-    args = parser.parse_args(["--listen" if arg == "-listen" else arg for arg in argv])
+    args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"port must be 1-65535, got {args.port}")
     host = args.listen
+    problem = _seed_host_problem(host)
+    if problem:
+        parser.error(f"-listen takes a host, the port being the first argument: {problem}")
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # a bare IPv6 address
     args.command = "serve"
     args.listen = [f"{host}:{args.port}"]
     return args
+
+
+def _seed_host_problem(host: str) -> str | None:
+    """Why ``host`` is not a host for ``-listen`` (a host:port, say), or None."""
+    if not host:
+        return "got an empty host"
+    if host.startswith("["):
+        if host.endswith("]") and host.count("]") == 1:
+            return None
+        return f"got {host!r}; write -listen {host.partition(']')[0]}] and the port first"
+    if host.count(":") == 1:  # one colon: host:port (an IPv6 address has several)
+        name, _, port = host.partition(":")
+        return f"got {host!r}; did you mean relayd {port or 'PORT'} ADMIN_KEY -listen {name}?"
+    if any(character.isspace() or character in "/?#" for character in host):
+        return f"got {host!r}"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -197,11 +252,23 @@ def _load(args: argparse.Namespace, environ: dict[str, str]) -> Config:
             if problem:
                 _fail(f"--listen: expected {problem}", EXIT_USAGE)
         config = config.replace_server(listen=tuple(listen))
+    if getattr(args, "log_level", None):
+        config = config.replace_server(log_level=args.log_level)
     return config
 
 
+def _state_dir(args: argparse.Namespace | None, config: Config, environ: dict[str, str]) -> Path:
+    config_path = find_config_path(getattr(args, "config", None), environ)
+    return find_state_dir(
+        getattr(args, "state_dir", None),
+        config,
+        environ,
+        system_install=is_system_install(config_path, os.geteuid()),
+    )
+
+
 def _store(args: argparse.Namespace, config: Config, environ: dict[str, str]) -> UserStore:
-    state_dir = find_state_dir(getattr(args, "state_dir", None), config, environ)
+    state_dir = _state_dir(args, config, environ)
     try:
         prepare_state_dir(state_dir)
     except ConfigError as error:
@@ -233,7 +300,7 @@ def serve(args: argparse.Namespace, environ: dict[str, str], seed_key: str | Non
         log.error("%s", error)
         return EXIT_ERROR
     log.info("relayd %s starting: %s", __version__, config.summary())
-    log.info("state directory %s: %d users", store.path.parent, len(users))
+    log.info("state directory %s: %s", store.path.parent, plural(len(users), "user"))
     if admin.generated is not None:
         log.warning("generated a new admin key in %s (mode 0600)", admin.source)
         if sys.stderr.isatty():
@@ -261,6 +328,8 @@ def serve(args: argparse.Namespace, environ: dict[str, str], seed_key: str | Non
         fresh = load_config(config_path)
         if args.listen:
             fresh = fresh.replace_server(listen=tuple(args.listen))
+        if getattr(args, "log_level", None):
+            fresh = fresh.replace_server(log_level=args.log_level)
         return fresh
 
     notifier = Notifier.from_environ(environ, unset_environment=True)

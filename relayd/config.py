@@ -89,6 +89,11 @@ def format_duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 user``, ``2 users``, ``0 agent keys``: for log lines and summaries."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def format_size(size: int) -> str:
     for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if size >= scale and size % scale == 0:
@@ -261,7 +266,7 @@ class Config:
         keys = len(self.agents.keys)
         return (
             f"{self.source}: listen {', '.join(self.server.listen)}; "
-            f"{keys} agent key{'s' if keys != 1 else ''}"
+            f"{plural(keys, 'agent key')}"
             f"{' + ' + str(self.agents.keys_file) if self.agents.keys_file else ''}; "
             f"request timeout {format_duration(self.requests.timeout)}; "
             f"log level {self.server.log_level}"

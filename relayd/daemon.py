@@ -39,7 +39,7 @@ from relayd import logs
 from relayd.api import AsgiApp, agent_endpoint, create_asgi_app
 from relayd.ask import AskEndpoint
 from relayd.ask_wire import AskWire
-from relayd.config import Config, ConfigError
+from relayd.config import Config, ConfigError, plural
 from relayd.hypercorn_fixes import Takeover, serve
 from relayd.protocol import CloseCode
 from relayd.state import RelayState, Snapshot, load_agent_keys
@@ -227,7 +227,12 @@ class Daemon:
             log.warning("agents.max_message was raised; frames above the old limit need a restart")
         self.state.apply(Snapshot(config, users, keys))
         logs.set_level(config.server.log_level)
-        log.info("reloaded %s: %d users, %d agent keys", config.source, len(users), len(keys))
+        log.info(
+            "reloaded %s: %s, %s",
+            config.source,
+            plural(len(users), "user"),
+            plural(len(keys), "agent key"),
+        )
         self.notifier.ready(self._status())
         return True
 

@@ -39,6 +39,7 @@ from relayd.agents.pool import AgentPool
 from relayd.agents.session import (
     AdmissionRefused,
     AgentSession,
+    RequestTooLarge,
     SessionLost,
 )
 from relayd.config import AgentsConfig, Config
@@ -50,6 +51,7 @@ from relayd.errors import (
     ConversationAgentGone,
     Forbidden,
     NoAgent,
+    PayloadTooLarge,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
@@ -367,6 +369,8 @@ class Dispatcher:
         except UnsendableText as error:
             # The front door refuses such text (a 400); this is the last line.
             raise BadRequest(str(error)) from None
+        except RequestTooLarge as error:
+            raise PayloadTooLarge(str(error)) from None
 
     # -- the wait queue ----------------------------------------------------------------
 

@@ -52,17 +52,23 @@ socket writes take what the socket accepts at once with one system call
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import os
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from typing import Any, Protocol, cast
 
+import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
@@ -95,6 +101,10 @@ log = logging.getLogger("relayd.server")
 
 # A peer must accept a write within this time or lose its connection.
 WRITE_TIMEOUT = 30.0
+# A lingering close reads and drops what the client still sends for at most this
+# long, and this many bytes (see GuardedTCPServer._close).
+LINGER_TIME = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
 # Longest request head read for a Takeover to decide on (h11's and Hypercorn's
 # limit on an incomplete request).
 MAX_HEAD = 16 * 1024
@@ -290,6 +300,8 @@ class GuardedTCPServer(TCPServer):
         self._idle_since: float | None = trio.current_time()  # idle until a request starts
         self._read_scope: trio.CancelScope | None = None
         self._first_bytes: bytes | None = None  # read before Hypercorn took the connection
+        self._reading = False  # the read loop runs: a close lingers (see _close)
+        self._linger_until: float | None = None
 
     async def run(self) -> None:
         try:
@@ -388,32 +400,65 @@ class GuardedTCPServer(TCPServer):
         await super().protocol_send(event)
 
     def _read_deadline(self) -> float:
+        if self._linger_until is not None:
+            return self._linger_until
         if self._idle_since is None:
             return math.inf
         return self._idle_since + self.config.keep_alive_timeout
 
+    async def _close(self) -> None:
+        """Close the connection; while the read loop runs, by a lingering close.
+
+        Hypercorn closes a connection at once when it answers before the
+        request's body was read (a 413, say). A client that writes its whole
+        body before reading (Python's urllib, many HTTP libraries) then gets a
+        reset, and never sees the answer. So, as nginx does, the write side is
+        shut first, and the read loop reads and drops what the client still
+        sends, for at most :data:`LINGER_TIME` and :data:`LINGER_BYTES`, before
+        the socket closes.
+        """
+        if not self._reading or self._linger_until is not None:
+            await super()._close()
+            return
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.stream.send_eof()
+        self._linger_until = trio.current_time() + LINGER_TIME
+        if self._read_scope is not None:
+            self._read_scope.deadline = self._linger_until
+
     async def _read_data(self) -> None:
+        _give_reason_phrases(self.protocol)
         # Hypercorn's loop, with the idle deadline on the read instead of a timer task.
         # Every read here tries the socket first, even after a short read: the
         # body of a request often follows its head in a second segment, and
         # must be read before the app answers, or Hypercorn cannot recycle the
         # connection and closes it (read_some's drained hint would lose that race).
         first, self._first_bytes = self._first_bytes, None
-        while True:
-            if first is not None:
-                data, first = first, None
-            else:
-                with trio.CancelScope(deadline=self._read_deadline()) as scope:
-                    self._read_scope = scope
-                    try:
-                        data = await read_some(self.stream, MAX_RECV)
-                    finally:
-                        self._read_scope = None
-                if scope.cancelled_caught:
-                    break  # idle for keep_alive_timeout
-            await self.protocol.handle(RawData(data))
-            if data == b"" or self._websocket_refused():
-                break
+        self._reading = True
+        lingered = 0
+        try:
+            while True:
+                if first is not None:
+                    data, first = first, None
+                else:
+                    with trio.CancelScope(deadline=self._read_deadline()) as scope:
+                        self._read_scope = scope
+                        try:
+                            data = await read_some(self.stream, MAX_RECV)
+                        finally:
+                            self._read_scope = None
+                    if scope.cancelled_caught:
+                        break  # idle for keep_alive_timeout, or lingered long enough
+                if self._linger_until is not None:  # closing: drop what still comes
+                    lingered += len(data)
+                    if not data or lingered > LINGER_BYTES:
+                        break
+                    continue
+                await self.protocol.handle(RawData(data))
+                if data == b"" or self._websocket_refused():
+                    break
+        finally:
+            self._reading = False
         stream = getattr(self.protocol.protocol, "stream", None)
         ended_by_peer = isinstance(stream, WSStream) and not self._websocket_refused()
         await self.protocol.handle(Closed())
@@ -442,6 +487,57 @@ class GuardedTCPServer(TCPServer):
         """Hypercorn starts this as its idle timer; the read deadline does the job."""
 
 
+class _ReasonedConnection(h11.Connection):
+    """h11 as Hypercorn drives it, but every status line has its reason phrase
+    (``HTTP/1.1 404 Not Found``): Hypercorn sends none, and relayd's own
+    loops do; clients and people reading ``curl -i`` expect one."""
+
+    def send_with_data_passthrough(self, event: h11.Event) -> list[bytes] | None:
+        if isinstance(event, h11.Response | h11.InformationalResponse) and not event.reason:
+            event = type(event)(
+                status_code=event.status_code,
+                headers=event.headers,
+                http_version=event.http_version,
+                reason=_REASONS.get(event.status_code, b""),
+            )
+        return super().send_with_data_passthrough(event)
+
+
+_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+
+
+def _give_reason_phrases(wrapper: Any) -> None:
+    """Swap the fresh h11 connection of a new HTTP/1.1 protocol for a
+    :class:`_ReasonedConnection` (before any byte has been fed to it)."""
+    protocol = getattr(wrapper, "protocol", None)
+    if isinstance(protocol, H11Protocol) and type(protocol.connection) is h11.Connection:
+        fresh = protocol.connection
+        protocol.connection = _ReasonedConnection(
+            h11.SERVER, max_incomplete_event_size=fresh._max_incomplete_event_size
+        )
+
+
+def _bind_each(config: Config) -> list[socket.socket]:
+    """The listening sockets of ``config.bind``, one bind at a time, so that a
+    failure names the address that could not be bound (Hypercorn's error does
+    not). Sockets already made are closed if a later one fails."""
+    made: list[socket.socket] = []
+    try:
+        for bind in config.bind:
+            one = copy.copy(config)
+            one.bind = [bind]
+            try:
+                made.extend(one.create_sockets().insecure_sockets)
+            except OSError as error:
+                reason = error.strerror or str(error)
+                raise OSError(error.errno, f"cannot listen on {bind}: {reason}") from None
+    except BaseException:
+        for sock in made:
+            sock.close()
+        raise
+    return made
+
+
 async def serve(
     app: ASGIFramework,
     config: Config,
@@ -466,15 +562,14 @@ async def serve(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
-            sockets = config.create_sockets()
+            if config.ssl_enabled:
+                raise ValueError("relayd serves plain HTTP; terminate TLS in front of it")
             listeners = []
             binds = []
-            for sock in sockets.insecure_sockets:
+            for sock in _bind_each(config):
                 sock.listen(config.backlog)
                 listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
                 binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
-            if sockets.secure_sockets or sockets.quic_sockets:
-                raise ValueError("relayd serves plain HTTP; terminate TLS in front of it")
             task_status.started(binds)
             writes = WriteLimits()
             handler = partial(

@@ -23,6 +23,7 @@ __all__ = [
     "find_admin_key",
     "find_config_path",
     "find_state_dir",
+    "is_system_install",
     "prepare_state_dir",
 ]
 
@@ -46,10 +47,23 @@ def find_config_path(
     return None
 
 
-def find_state_dir(cli_dir: Path | None, config: Config, environ: Mapping[str, str]) -> Path:
+# The service's state directory (packaging/systemd/relayd.service: StateDirectory=relayd).
+SERVICE_STATE_DIR = Path("/var/lib/relayd")
+
+
+def find_state_dir(
+    cli_dir: Path | None,
+    config: Config,
+    environ: Mapping[str, str],
+    *,
+    system_install: bool = False,
+) -> Path:
     """The first of: ``--state-dir``, ``$RELAYD_STATE_DIR``, ``server.state_dir``,
-    ``$STATE_DIRECTORY`` (systemd; the first if it lists several),
-    ``$XDG_STATE_HOME/relayd``, ``~/.local/state/relayd``."""
+    ``$STATE_DIRECTORY`` (systemd; the first if it lists several), then
+    :data:`SERVICE_STATE_DIR` for root on a system install (``system_install``:
+    the config in use is ``/etc/relayd/relayd.toml``, so ``sudo relayd users
+    add`` writes where the service reads), ``$XDG_STATE_HOME/relayd``,
+    ``~/.local/state/relayd``."""
     if cli_dir is not None:
         return cli_dir
     if environ.get("RELAYD_STATE_DIR"):
@@ -58,10 +72,17 @@ def find_state_dir(cli_dir: Path | None, config: Config, environ: Mapping[str, s
         return config.server.state_dir
     if environ.get("STATE_DIRECTORY"):
         return Path(environ["STATE_DIRECTORY"].split(":")[0])
+    if system_install:
+        return SERVICE_STATE_DIR
     if environ.get("XDG_STATE_HOME"):
         return Path(environ["XDG_STATE_HOME"]) / "relayd"
     home = environ.get("HOME") or str(Path.home())
     return Path(home) / ".local" / "state" / "relayd"
+
+
+def is_system_install(config_path: Path | None, euid: int) -> bool:
+    """Root using the system config: the CLI then shares the service's state."""
+    return euid == 0 and config_path == DEFAULT_CONFIG_PATH
 
 
 def prepare_state_dir(path: Path) -> None:

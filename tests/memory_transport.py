@@ -82,6 +82,7 @@ class RelayEnd:
         self._outgoing = outgoing
         self.close_code: int | None = None
         self.close_reason: str | None = None
+        self.failure: tuple[int, str] | None = None  # never: frames arrive whole
         self.close_calls = 0
         self.sent: list[str] = []  # every frame the relay sent, in order
         self.closed = trio.Event()

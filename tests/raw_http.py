@@ -55,6 +55,11 @@ class RawClient:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.buffer = b""
+        # The client's own address, as relayd logs it (``127.0.0.1:PORT``), on a socket.
+        self.local: str | None = None
+        if isinstance(stream, trio.SocketStream):
+            host, port = stream.socket.getsockname()[:2]
+            self.local = f"{host}:{port}"
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)

@@ -26,7 +26,7 @@ import trio
 
 from relayd.agentkit import echo_handler
 from relayd.protocol import Request
-from tests.raw_http import RawClient, Response
+from tests.raw_http import RawClient
 from tests.support import Relayd
 from tests.test_relay_e2e import client, connections, start_agent, wait_for_agents
 
@@ -65,14 +65,43 @@ async def open_connection(relayd: Relayd) -> RawClient:
     return RawClient(await trio.open_tcp_stream(HOST, relayd.port))
 
 
-def assert_wire_path(response: Response) -> None:
-    """Answered by relayd's own loop: the reason phrase is there."""
-    assert response.reason != b"", response.status_line
+# Which loop served a connection is in relayd's debug log (--log-level debug): the
+# status lines are the same on both paths.
+DEBUG = ["--log-level", "debug"]
 
 
-def assert_hypercorn(response: Response) -> None:
-    """Answered through Hypercorn (h11 sends no reason phrase)."""
-    assert response.reason == b"", response.status_line
+def served(relayd: Relayd, connection: RawClient) -> tuple[bool, bool]:
+    """``(taken by the wire path, handed back to Hypercorn)`` for ``connection``,
+    from the log of a relayd started with :data:`DEBUG`."""
+    assert connection.local is not None
+    log = relayd.log
+    assert "log level debug" in log, "start relayd with --log-level debug to see which loop served"
+    remote = f"remote={connection.local}\n"
+    return (
+        f"connection served on the wire path: {remote}" in log,
+        f"connection handed to Hypercorn: {remote}" in log,
+    )
+
+
+def assert_wire_path(relayd: Relayd, connection: RawClient) -> None:
+    """Every request so far on ``connection`` was answered by relayd's own loop."""
+    assert served(relayd, connection) == (True, False)
+
+
+def assert_handed_to_hypercorn(relayd: Relayd, connection: RawClient) -> None:
+    """``connection`` started on the wire path, then went to Hypercorn."""
+    assert served(relayd, connection) == (True, True)
+
+
+def assert_hypercorn(relayd: Relayd, connection: RawClient) -> None:
+    """Hypercorn served ``connection`` from its first request."""
+    assert served(relayd, connection) == (False, False)
+
+
+@pytest.fixture
+def relayd(relayd_factory: Callable[..., Relayd]) -> Relayd:
+    """A relayd on embedded defaults that logs which loop serves each connection."""
+    return relayd_factory(args=DEBUG)
 
 
 async def wait_for_log(relayd: Relayd, text: str) -> None:
@@ -122,10 +151,8 @@ async def test_pipelined_asks_health_and_ask_are_answered_in_order(relayd: Relay
     assert (health.status, health.body) == (200, b"OK")
     assert (again.status, again.body) == (200, b"OK")
     for response in (first, second, third):
-        assert_wire_path(response)
         assert response.header(b"connection") is None
-    for response in (health, fifth, again):
-        assert_hypercorn(response)
+    assert_handed_to_hypercorn(relayd, connection)  # at the /health
     assert relayd.process.poll() is None
 
 
@@ -143,6 +170,7 @@ async def test_an_answered_ask_then_other_routes_on_the_same_connection(
             connection = await open_connection(relayd)
             await connection.send(ask_request(relayd, {"content": prompt}))
             asked = await connection.response()
+            assert_wire_path(relayd, connection)
             await connection.send(get_request("/"))
             index = await connection.response()
             admin = f"Authorization: {relayd.admin_key}".encode()
@@ -157,17 +185,15 @@ async def test_an_answered_ask_then_other_routes_on_the_same_connection(
     assert answer["content"] == "echo:" + prompt
     assert answer["error"] == ""
     assert set(answer) == {"id", "response_id", "conversation_id", "content", "error"}
-    assert_wire_path(asked)
     assert index.status == 200
     assert index.json()["name"] == "relayd"
-    assert_hypercorn(index)
+    assert_handed_to_hypercorn(relayd, connection)
     assert listing.status == 200
     (entry,) = listing.json()["connections"]
     assert entry["Id"] == agent.id
     assert entry["inflight"] == 0
     assert asked_again.status == 200
     assert asked_again.json()["content"] == "echo:" + prompt + " again"
-    assert_hypercorn(asked_again)  # the connection stays Hypercorn's
     assert agent.stats.contents == [prompt, prompt + " again"]
 
 
@@ -196,7 +222,7 @@ async def test_expect_100_continue(relayd: Relayd) -> None:
     for response in (answered, answered_again):
         assert response.status == 200, response
         assert response.json()["content"] == "echo:" + prompt
-        assert_wire_path(response)
+    assert_wire_path(relayd, connection)
     assert agent.stats.contents == [prompt, prompt]
 
 
@@ -206,7 +232,7 @@ async def test_expect_100_continue(relayd: Relayd) -> None:
 async def test_a_client_that_leaves_has_its_request_abandoned(
     relayd_factory: Callable[..., Relayd],
 ) -> None:
-    relayd = relayd_factory(config='[server]\nlog_level = "debug"\n')
+    relayd = relayd_factory(args=DEBUG)
     received = trio.Event()
     release = trio.Event()
 
@@ -237,7 +263,7 @@ async def test_a_client_that_leaves_has_its_request_abandoned(
             nursery.cancel_scope.cancel()
     assert after.status == 200, after
     assert after.json()["content"] == "echo:after"
-    assert_wire_path(after)
+    assert_wire_path(relayd, connection)
     assert agent.stats.contents == ["slow", "after"]
     assert relayd.process.poll() is None
     log = relayd.log
@@ -277,7 +303,7 @@ CASES = {
 async def test_the_wire_path_answers_as_hypercorn_does(
     relayd_factory: Callable[..., Relayd], case: Case
 ) -> None:
-    relayd = relayd_factory(config=SAME_CONFIG)
+    relayd = relayd_factory(config=SAME_CONFIG, args=DEBUG)
     authorization = case.authorization
     if authorization is not None:
         authorization = authorization.format(key=relayd.admin_key)
@@ -293,8 +319,8 @@ async def test_the_wire_path_answers_as_hypercorn_does(
         await wire.aclose()
         await hypercorn.aclose()
     assert health.status == 200
-    assert_wire_path(on_wire)
-    assert_hypercorn(through_hypercorn)
+    assert_wire_path(relayd, wire)
+    assert_hypercorn(relayd, hypercorn)
     assert on_wire.status == through_hypercorn.status
     assert on_wire.json() == through_hypercorn.json()
     assert on_wire.names == through_hypercorn.names
@@ -306,7 +332,7 @@ async def test_the_wire_path_answers_as_hypercorn_does(
 async def test_a_stalled_body_is_408_on_both_paths(relayd_factory: Callable[..., Relayd]) -> None:
     """Both answer 408 after server.idle_timeout and close the connection. (Hypercorn
     closes it without saying ``connection: close``; the wire path says so.)"""
-    relayd = relayd_factory(config='[server]\nidle_timeout = "1s"\n')
+    relayd = relayd_factory(config='[server]\nidle_timeout = "1s"\n', args=DEBUG)
     request = ask_request(relayd, {"content": "never all there"})[:-5]
     with trio.fail_after(20):
         wire = await open_connection(relayd)
@@ -319,8 +345,8 @@ async def test_a_stalled_body_is_408_on_both_paths(relayd_factory: Callable[...,
         through_hypercorn = await hypercorn.response()
         assert await hypercorn.rest() == b""
     assert health.status == 200
-    assert_wire_path(on_wire)
-    assert_hypercorn(through_hypercorn)
+    assert_wire_path(relayd, wire)
+    assert_hypercorn(relayd, hypercorn)
     assert on_wire.status == through_hypercorn.status == 408
     expected = {"error": "the request body stopped arriving for server.idle_timeout (1 s)"}
     assert on_wire.json() == through_hypercorn.json() == expected
@@ -331,7 +357,9 @@ async def test_a_stalled_body_is_408_on_both_paths(relayd_factory: Callable[...,
 async def test_a_throttled_client_gets_the_same_429_on_both_paths(
     relayd_factory: Callable[..., Relayd],
 ) -> None:
-    relayd = relayd_factory(config='[auth]\nfailure_burst = 1\nfailure_interval = "60s"\n')
+    relayd = relayd_factory(
+        config='[auth]\nfailure_burst = 1\nfailure_interval = "60s"\n', args=DEBUG
+    )
     request = ask_request(relayd, {"content": "hello"}, authorization="not-a-token")
     with trio.fail_after(20):
         first = await open_connection(relayd)
@@ -347,8 +375,8 @@ async def test_a_throttled_client_gets_the_same_429_on_both_paths(
         for connection in (first, wire, hypercorn):
             await connection.aclose()
     assert refused.status == 401
-    assert_wire_path(on_wire)
-    assert_hypercorn(through_hypercorn)
+    assert_wire_path(relayd, wire)
+    assert_hypercorn(relayd, hypercorn)
     assert on_wire.status == through_hypercorn.status == 429
     assert on_wire.json() == through_hypercorn.json()
     assert on_wire.names == through_hypercorn.names
@@ -367,7 +395,7 @@ async def test_a_throttled_client_gets_the_same_429_on_both_paths(
 async def test_bad_credentials_with_a_stalled_body_are_401_on_both_paths(
     relayd_factory: Callable[..., Relayd],
 ) -> None:
-    relayd = relayd_factory(config='[server]\nidle_timeout = "1s"\n')
+    relayd = relayd_factory(config='[server]\nidle_timeout = "1s"\n', args=DEBUG)
     request = ask_request(relayd, {"content": "never all there"}, authorization="bad")[:-5]
     with trio.fail_after(20):
         hypercorn = await open_connection(relayd)

@@ -70,6 +70,7 @@ __all__ = [
     "AdmissionRefused",
     "AgentSession",
     "Call",
+    "RequestTooLarge",
     "SessionHost",
     "SessionLost",
     "Transport",
@@ -111,6 +112,16 @@ class Transport(Protocol):
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code`` (no-op if already closed)."""
 
+    @property
+    def close_code(self) -> int | None:
+        """The code of the agent's close frame once it has sent one (1005 if it
+        had none); None if the agent went without one (or has not gone)."""
+
+    @property
+    def failure(self) -> tuple[int, str] | None:
+        """The close code and reason with which the transport itself ended the
+        connection (a malformed or oversized frame), or None."""
+
 
 async def _finish(rest: Awaitable[None]) -> None:
     await rest
@@ -118,6 +129,13 @@ async def _finish(rest: Awaitable[None]) -> None:
 
 class SessionLost(Exception):
     """The session ended before the agent answered the request."""
+
+
+class RequestTooLarge(Exception):
+    """A request whose frame would be larger than ``agents.max_message``: JSON
+    escapes (a NUL becomes ``\\u0000``, twice over in the seed's double-encoded
+    frames) can make a question within ``requests.max_content`` several times
+    larger on the wire, past what agents accept."""
 
 
 class AdmissionRefused(Exception):
@@ -297,6 +315,12 @@ class AgentSession:
         except LocalProtocolError as error:
             raise SessionLost(f"{self}: {error}") from error
         try:
+            limit = self._host.agents_config().max_message
+            if len(frame) * 4 > limit and len(frame.encode("utf-8")) > limit:
+                raise RequestTooLarge(
+                    f"the request's frame to the agent would be over agents.max_message "
+                    f"({limit} bytes) once encoded"
+                )
             call = Call(self, request, frame)
             self._calls[request.request_id] = call
         except BaseException:
@@ -345,6 +369,7 @@ class AgentSession:
             return
         admitted = False
         reason = "closed"
+        logged_code: int | None = None  # the agent's, when it ended the connection
         try:
             hello = await self._greet()
             if hello is None:
@@ -375,7 +400,16 @@ class AgentSession:
                 while ended is None:
                     message = await self._transport.receive()
                     if message is None:
-                        ended = "agent closed the connection"
+                        logged_code = self._transport.close_code
+                        failure = self._transport.failure
+                        if failure is not None:
+                            logged_code, ended = failure[0], f"closed by relayd: {failure[1]}"
+                            log.warning("agent sent a bad frame, closing: %s: %s", self, failure[1])
+                        elif logged_code is None:
+                            logged_code = CloseCode.ABNORMAL_CLOSURE
+                            ended = "agent went away without a close frame"
+                        else:
+                            ended = "agent closed the connection"
                         break
                     self.heard_at = trio.current_time()
                     self.last_message_at = time.time()
@@ -401,7 +435,7 @@ class AgentSession:
                     "agent disconnected: %s reason=%s code=%d lost_requests=%d",
                     self,
                     reason,
-                    self._close_code,
+                    self._close_code if logged_code is None else logged_code,
                     len(lost.outstanding),
                 )
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):

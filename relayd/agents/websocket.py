@@ -49,13 +49,14 @@ Send = Callable[[Message], Awaitable[None]]
 class AsgiTransport:
     """The session's Transport over ASGI WebSocket messages."""
 
-    __slots__ = ("_closed", "_receive", "_send", "close_code")
+    __slots__ = ("_closed", "_receive", "_send", "close_code", "failure")
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive = receive
         self._send = send
         self._closed = False
         self.close_code: int | None = None
+        self.failure: tuple[int, str] | None = None  # Hypercorn fails connections itself
 
     async def accept(self) -> bool:
         message = await self._receive()

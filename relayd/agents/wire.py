@@ -144,6 +144,7 @@ class WireTransport:
         "_writes",
         "_ws",
         "close_code",
+        "failure",
     )
 
     def __init__(
@@ -165,6 +166,7 @@ class WireTransport:
         self._parts: list[str | bytes] = []  # a fragmented message so far
         self._size = 0
         self.close_code: int | None = None  # the agent's, if it sent a close frame
+        self.failure: tuple[int, str] | None = None  # ours, if we failed the connection
 
     async def accept(self) -> bool:
         if await self._write(self._accept):
@@ -296,6 +298,7 @@ class WireTransport:
         self._closed = True
 
     async def _fail(self, code: int, reason: str) -> None:
+        self.failure = (code, reason)
         self._closed = True
         await self._send_event(CloseConnection(code=code, reason=reason[:120]))
 
