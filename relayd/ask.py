@@ -2,8 +2,9 @@
 
 Every client request passes here, so it skips Quart's request and response
 machinery (a measured share of the relay's CPU; see docs/performance.md).
-:meth:`AskEndpoint.answer` does the work for both ways a request arrives: usually on the wire path (:mod:`relayd.ask_wire`, no Hypercorn at
-all), otherwise through Hypercorn, with the endpoint called as a bare ASGI
+:meth:`AskEndpoint.answer` does the work for both ways a request arrives:
+usually on the wire path (:mod:`relayd.ask_wire`, no Hypercorn at all),
+otherwise through Hypercorn, with the endpoint called as a bare ASGI
 application. Either way it keeps the API's contract: the body is JSON
 whatever the Content-Type, every error is ``{"error": ...}`` with the status
 of :data:`relayd.web.STATUS`, credentials go through the same
