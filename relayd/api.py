@@ -183,6 +183,11 @@ def create_app(state: RelayState) -> Quart:
                     "remote": session.remote,
                     "connected_at": rfc3339(session.connected_at),
                     "conversations": dispatcher.conversations.count_for(session.agent_id),
+                    "protocol": session.version,
+                    "name": session.name,
+                    "software": session.software,
+                    "models": list(session.models),
+                    "draining": session.draining,
                 }
             )
         return json_response({"connections": listing})

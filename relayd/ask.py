@@ -24,6 +24,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -41,7 +42,15 @@ from relayd.state import RelayState
 from relayd.users import User
 from relayd.web import Gate, error_body, optional_string, parse_json_object, status_of
 
-__all__ = ["AskEndpoint", "Caller", "ClientGone", "Reply"]
+__all__ = [
+    "AskEndpoint",
+    "Caller",
+    "ClientGone",
+    "Reply",
+    "StreamSink",
+    "accepts_event_stream",
+    "sse_event",
+]
 
 log = logging.getLogger("relayd.api")
 
@@ -124,10 +133,17 @@ class AskEndpoint:
         body: BodySource,
         *,
         caller: Caller | None = None,
-    ) -> Reply:
+        event_stream: bool = False,
+        sink: StreamSink | None = None,
+    ) -> Reply | None:
         """Check the credentials (unless ``caller`` says they passed already),
         read ``body`` (bytes, or a reader called once the credentials pass), ask
         an agent and say what to answer.
+
+        A question with ``"stream": true`` (or ``event_stream``: the client's
+        ``Accept`` names ``text/event-stream``) is answered through ``sink`` as
+        server-sent events, and None is returned once it is; errors before the
+        first byte are still a :class:`Reply` with their status.
 
         Raises :class:`ClientGone` when the reader finds the client gone.
         """
@@ -135,15 +151,25 @@ class AskEndpoint:
         conversation_id = "-"
         # False in the finally below: cancelled, or ClientGone (the client went away)
         settled = False
+        streamer: _EventStream | None = None
         try:
             user, user_id = caller or self.caller(authorization, address)
             raw = body if isinstance(body, bytes) else await body()
-            question = self._question(parse_json_object(raw), user_id, is_admin=user is None)
+            document = parse_json_object(raw)
+            question = self._question(document, user_id, is_admin=user is None)
             conversation_id = question.conversation_id or "-"
-            answer = await self._state.dispatcher.ask(question)
+            if sink is not None and _wants_stream(document, event_stream):
+                streamer = _EventStream(sink)
+                answer = await self._state.dispatcher.ask(question, streamer.piece)
+            else:
+                answer = await self._state.dispatcher.ask(question)
             settled = True
         except RelayError as error:
             settled = True
+            if streamer is not None and streamer.started:
+                self.failure(error, user_id, conversation_id)  # logged
+                await streamer.fail(error.message)
+                return None
             return self.failure(error, user_id, conversation_id)
         finally:
             if not settled:
@@ -155,6 +181,9 @@ class AskEndpoint:
             "content": answer.content,
             "error": "",
         }
+        if streamer is not None:
+            await streamer.finish(answer.content, document, whole=not answer.streamed)
+            return None
         return Reply(200, json.dumps(document).encode(), [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -166,11 +195,14 @@ class AskEndpoint:
         client = scope.get("client")
         authorization = None
         declared: int | None = None
+        event_stream = False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
             elif name == b"content-length" and value.isdigit():
                 declared = int(value)
+            elif name == b"accept":
+                event_stream |= accepts_event_stream(value)
         body_wanted = False
 
         def read_body() -> Awaitable[bytes]:
@@ -179,9 +211,17 @@ class AskEndpoint:
             return self._read_body(receive, declared)
 
         try:
-            reply = await self.answer(authorization, client[0] if client else "unix", read_body)
+            reply = await self.answer(
+                authorization,
+                client[0] if client else "unix",
+                read_body,
+                event_stream=event_stream,
+                sink=_AsgiSink(send),
+            )
         except ClientGone:
             return
+        if reply is None:
+            return  # streamed
         if not body_wanted:  # refused before its body: read it, to keep the connection
             await self._discard_body(receive, declared)
         await _respond(send, reply)
@@ -238,6 +278,7 @@ class AskEndpoint:
             conversation_id=optional_string(document, "conversation_id"),
             parent_id=optional_string(document, "parent_id"),
             is_admin=is_admin,
+            model=optional_string(document, "model"),
         )
 
 
@@ -245,3 +286,104 @@ async def _respond(send: Send, reply: Reply) -> None:
     headers = [_JSON, (b"content-length", str(len(reply.body)).encode()), *reply.headers]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body})
+
+
+# -- streamed answers (server-sent events) ---------------------------------------------
+
+
+class StreamSink(Protocol):
+    """Where a streamed answer goes: the wire path's socket, or Hypercorn's ASGI send."""
+
+    async def start(self) -> bool:
+        """Send the ``200`` head of a ``text/event-stream``; False if the client is gone."""
+
+    async def write(self, data: bytes) -> bool:
+        """Send some of the stream; False if the client is gone."""
+
+    async def end(self) -> None:
+        """End the stream (the response is complete)."""
+
+
+def accepts_event_stream(accept: bytes) -> bool:
+    """Whether an ``Accept`` header asks for ``text/event-stream``."""
+    return b"text/event-stream" in accept.lower()
+
+
+def _wants_stream(document: dict[str, object], event_stream: bool) -> bool:
+    stream = document.get("stream")
+    if stream is None:
+        return event_stream
+    if not isinstance(stream, bool):
+        raise BadRequest("stream must be true or false")
+    return stream
+
+
+def sse_event(kind: str, document: object) -> bytes:
+    """One server-sent event: ``event: KIND`` and its JSON ``data``, one line each."""
+    return b"event: " + kind.encode("ascii") + b"\ndata: " + json.dumps(document).encode() + b"\n\n"
+
+
+class _EventStream:
+    """An ``/api/ask`` answer as server-sent events: ``delta`` for each piece,
+    then ``done`` (the non-streaming answer's JSON) or ``error``. The head goes
+    out with the first piece, so that an error before it keeps its status."""
+
+    __slots__ = ("_sink", "started")
+
+    def __init__(self, sink: StreamSink) -> None:
+        self._sink = sink
+        self.started = False
+
+    async def _send(self, data: bytes) -> None:
+        if not self.started:
+            self.started = True
+            if not await self._sink.start():
+                raise ClientGone()
+        if not await self._sink.write(data):
+            raise ClientGone()
+
+    async def piece(self, text: str) -> None:
+        await self._send(sse_event("delta", {"content": text}))
+
+    async def finish(self, content: str, document: dict[str, str], *, whole: bool) -> None:
+        """The ``done`` event; ``whole``: the answer came in one piece (a v1 agent's),
+        which goes out as one ``delta`` first."""
+        if whole:
+            await self.piece(content)
+        await self._send(sse_event("done", document))
+        await self._sink.end()
+
+    async def fail(self, message: str) -> None:
+        """End a stream that has begun with an ``error`` event (never a silent cut)."""
+        with contextlib.suppress(ClientGone):
+            await self._send(sse_event("error", {"error": message}))
+            await self._sink.end()
+
+
+_EVENT_STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx: pass each event on at once
+]
+
+
+class _AsgiSink:
+    """A stream through Hypercorn: no Content-Length, so h11 sends it chunked."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+
+    async def start(self) -> bool:
+        await self._send(
+            {"type": "http.response.start", "status": 200, "headers": _EVENT_STREAM_HEADERS}
+        )
+        return True
+
+    async def write(self, data: bytes) -> bool:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        return True
+
+    async def end(self) -> None:
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})

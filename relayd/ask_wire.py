@@ -38,13 +38,15 @@ from typing import Literal
 
 import trio
 
-from relayd.ask import DISCARD_WAIT, AskEndpoint, Caller, Reply
+from relayd.ask import DISCARD_WAIT, AskEndpoint, Caller, ClientGone, Reply
 from relayd.errors import RelayError
 from relayd.http1 import (
     CONTINUE,
     AskHead,
     HttpDate,
     NotSimple,
+    chunk,
+    event_stream_head,
     may_be_ask,
     parse_ask_head,
     response_bytes,
@@ -237,19 +239,34 @@ class AskConnection:
         self, head: AskHead, body: bytes, caller: Caller | None, scope: trio.CancelScope
     ) -> None:
         reply: Reply | None = None
+        sink = _WireSink(self, close=not head.keep_alive or self._terms.stopping())
         with scope:
             try:
                 reply = await self._endpoint.answer(
-                    head.authorization, self._address, body, caller=caller
+                    head.authorization,
+                    self._address,
+                    body,
+                    caller=caller,
+                    event_stream=head.event_stream,
+                    sink=sink,
                 )
+            except ClientGone:
+                sink.ok = False
             except Exception:  # isolation boundary: one request
                 log.exception("unhandled error on POST /api/ask")
-                reply = Reply(500, error_body("internal error; see the relayd log"), [])
+                if sink.started:  # the head went out: the stream can only be cut
+                    sink.ok = False
+                else:
+                    reply = Reply(500, error_body("internal error; see the relayd log"), [])
                 self._over = True
-        if reply is None:  # cancelled: the client has gone
+        if reply is None and not sink.started:  # cancelled: the client has gone
             return
-        close = self._over or not head.keep_alive or self._terms.stopping()
-        written = await self._write(self._response(reply, close=close))
+        if reply is None:  # streamed through the sink
+            close = sink.close or not sink.ok
+            written = sink.ok
+        else:
+            close = self._over or not head.keep_alive or self._terms.stopping()
+            written = await self._write(self._response(reply, close=close))
         self._request_scope = None
         self._idle_since = trio.current_time()
         if close or not written:
@@ -288,3 +305,32 @@ class AskConnection:
 
 def _remote(client: tuple[str, int] | None) -> str:
     return f"{client[0]}:{client[1]}" if client else "unix"
+
+
+class _WireSink:
+    """A streamed answer on the wire path: the head, then chunks (see relayd.ask)."""
+
+    __slots__ = ("_connection", "close", "ok", "started")
+
+    def __init__(self, connection: AskConnection, *, close: bool) -> None:
+        self._connection = connection
+        self.close = close  # decided when the head goes out: it says so
+        self.started = False
+        self.ok = True  # every write went through
+
+    async def start(self) -> bool:
+        self.started = True
+        connection = self._connection
+        self.close = self.close or connection._terms.stopping()
+        head = event_stream_head(connection._date.now(), close=self.close)
+        return await self._put(head)
+
+    async def write(self, data: bytes) -> bool:
+        return await self._put(chunk(data))
+
+    async def end(self) -> None:
+        await self._put(chunk(b""))
+
+    async def _put(self, data: bytes) -> bool:
+        self.ok = self.ok and await self._connection._write(data)
+        return self.ok

@@ -184,6 +184,7 @@ SCHEMA: Mapping[str, Mapping[str, Key]] = {
         "max_attempts": Key("int", 3, minimum=1, maximum=100),
         "wait_for_agent": Key("duration", "0s", minimum=0, maximum=86400),
         "max_content": Key("size", "256KiB", minimum=1, maximum=1024**3),
+        "max_response": Key("size", "1MiB", minimum=1024, maximum=1024**3),
     },
     "conversations": {
         "ttl": Key("duration", "24h", minimum=1, maximum=365 * 86400),
@@ -238,6 +239,7 @@ class RequestsConfig:
     max_attempts: int
     wait_for_agent: float
     max_content: int
+    max_response: int
 
 
 @dataclass(frozen=True)

@@ -28,21 +28,23 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from itertools import count
+from typing import Any
 
 import trio
 
 from relayd.agents.heartbeat import Heartbeat
-from relayd.agents.pool import AgentPool
+from relayd.agents.pool import AgentPool, eligible
 from relayd.agents.session import (
     AdmissionRefused,
     AgentSession,
     RequestTooLarge,
     SessionLost,
+    SlowReader,
 )
-from relayd.config import AgentsConfig, Config
+from relayd.config import AgentsConfig, Config, RequestsConfig
 from relayd.conversations import Conversation, Conversations
 from relayd.errors import (
     AgentFailed,
@@ -55,9 +57,12 @@ from relayd.errors import (
     QueueFull,
     QueueTimeout,
     ShuttingDown,
+    StreamBroken,
     UnknownConversation,
+    UnknownModel,
 )
 from relayd.protocol import AgentError, CloseCode, Hello, Reply, Request, UnsendableText
+from relayd.protocol.v2 import ChatRequest
 
 __all__ = ["Answer", "Dispatcher", "Question", "new_uuid"]
 
@@ -69,6 +74,7 @@ _EXCLUSION_LOOKAHEAD = 32
 # How many agent ids to remember, with the credential that held them, so that a
 # reconnecting agent can reclaim its id (and its conversations).
 _REMEMBERED_IDS = 100_000
+MID_ANSWER_GONE = "the agent disconnected in the middle of its answer"
 
 
 def new_uuid() -> str:
@@ -84,11 +90,21 @@ def new_uuid() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Question:
+    """What a client asks. ``content`` for the seed's questions; ``messages``
+    (and ``params``) for an OpenAI-style chat, which only v2 agents take."""
+
     content: str
     user_id: str
     conversation_id: str | None = None
     parent_id: str | None = None
     is_admin: bool = False
+    model: str | None = None  # only agents that serve it (None: any agent)
+    messages: tuple[dict[str, Any], ...] | None = None
+    params: dict[str, Any] | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,19 +116,34 @@ class Answer:
     agent_id: str
     attempts: int
     queue_wait: float
+    streamed: bool = False  # its pieces went to on_piece as they came
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
 
 
 class _Waiter:
     """A request waiting for a slot. ``session`` is set when it gets one."""
 
-    __slots__ = ("event", "exclude", "seq", "session", "target")
+    __slots__ = ("event", "exclude", "model", "seq", "session", "target", "v2_only")
 
-    def __init__(self, seq: int, target: str | None, exclude: frozenset[str]) -> None:
+    def __init__(
+        self,
+        seq: int,
+        target: str | None,
+        exclude: frozenset[str],
+        model: str | None = None,
+        v2_only: bool = False,
+    ) -> None:
         self.seq = seq
         self.target = target
         self.exclude = exclude
+        self.model = model
+        self.v2_only = v2_only
         self.event = trio.Event()
         self.session: AgentSession | None = None
+
+    def accepts(self, session: AgentSession) -> bool:
+        return eligible(session, self.exclude, self.model, self.v2_only)
 
 
 class Dispatcher:
@@ -150,7 +181,7 @@ class Dispatcher:
         self.conversations.configure(ttl=config.conversations.ttl, limit=config.conversations.max)
         capacity = config.agents.max_inflight
         for session in self.pool:
-            if session.capacity != capacity:
+            if session.version == 1 and session.capacity != capacity:
                 self.pool.resize(session, capacity)
                 self._offer(session)
 
@@ -217,14 +248,35 @@ class Dispatcher:
     def remove(self, session: AgentSession) -> None:
         self.pool.remove(session)
 
+    def requests_config(self) -> RequestsConfig:
+        return self.config.requests
+
+    def capacity_changed(self, session: AgentSession, capacity: int) -> None:
+        self.pool.resize(session, capacity)
+        self._offer(session)
+
+    def models_changed(self, session: AgentSession) -> None:
+        self._offer(session)
+
+    def draining(self, session: AgentSession) -> None:
+        self.pool.set_draining(session)
+
     # -- asking ---------------------------------------------------------------------
 
-    async def ask(self, question: Question) -> Answer:
+    async def ask(
+        self, question: Question, on_piece: Callable[[str], Awaitable[None]] | None = None
+    ) -> Answer:
         """Get ``question`` answered within ``requests.timeout``.
 
+        ``on_piece``, when given, is awaited with each piece of the answer as
+        it comes from a v2 agent (a streamed answer). A request fails over to
+        another agent only while nothing of it has reached ``on_piece``; after
+        that a failure is :class:`~relayd.errors.StreamBroken`.
+
         Raises a :class:`~relayd.errors.RelayError`: UnknownConversation,
-        NoAgent, QueueFull, QueueTimeout, ConversationAgentGone, AgentFailed,
-        AgentTimeout, ShuttingDown.
+        UnknownModel, NoAgent, QueueFull, QueueTimeout, ConversationAgentGone,
+        AgentFailed, StreamBroken, AgentTimeout, ShuttingDown, BadRequest,
+        PayloadTooLarge.
         """
         if self._closing:
             raise ShuttingDown(retry_after=5)
@@ -233,11 +285,12 @@ class Dispatcher:
         # request timeout, and abort_all() cancels it at the end of a drain.
         scope = trio.CancelScope(deadline=trio.current_time() + timeout)
         self._active.add(scope)
+        request = _Asking(question, on_piece, scope, self)
         try:
             with scope:
                 if question.conversation_id:
-                    return await self._continue(question)
-                return await self._start(question)
+                    return await self._continue(request)
+                return await self._start(request)
             if self._aborted:
                 raise ShuttingDown(retry_after=5)
             raise AgentTimeout(f"no answer within requests.timeout ({timeout:g}s)")
@@ -246,8 +299,10 @@ class Dispatcher:
             if not self._active:
                 self._idle.set()
 
-    async def _start(self, question: Question) -> Answer:
-        """A new conversation: any agent, retried on others if one fails."""
+    async def _start(self, asking: _Asking) -> Answer:
+        """A new conversation: any agent, retried on others if one fails (before
+        any of its answer reached the client)."""
+        question = asking.question
         limits = self.config.requests
         if question.parent_id:
             self._check_parent(question, None)
@@ -255,37 +310,41 @@ class Dispatcher:
         agent_errors: list[str] = []
         waited = 0.0
         for attempt in range(1, limits.max_attempts + 1):
-            if attempt > 1 and not self.pool.has_candidate(tried):
+            if attempt > 1 and not self.pool.has_candidate(
+                tried, question.model, v2_only=question.is_chat
+            ):
                 break
             started = self._clock()
-            session = await self._acquire(None, frozenset(tried))
-            waited += self._clock() - started
-            request = Request(
-                request_id=new_uuid(),
-                message_id=new_uuid(),
-                conversation_id="",
-                parent_id=question.parent_id or new_uuid(),
-                content=question.content,
+            session = await self._acquire(
+                None, frozenset(tried), question.model, v2_only=question.is_chat
             )
+            waited += self._clock() - started
             tried.add(session.agent_id)
             try:
-                outcome = await self._call(session, request)
+                outcome = await self._call(session, asking.request_for(None))
             except SessionLost:
+                if asking.pieces:
+                    raise StreamBroken(MID_ANSWER_GONE) from None
                 log.info("agent gone before replying: %s attempt=%d", session, attempt)
                 continue
             if isinstance(outcome, AgentError):
                 log.info("agent error: %s text=%r attempt=%d", session, outcome.text[:200], attempt)
+                if asking.pieces:
+                    raise StreamBroken(f"the agent failed mid-answer: {outcome.text[:200]}")
+                if not outcome.retryable:
+                    raise AgentFailed(f"the agent failed ({outcome.code}): {outcome.text[:200]}")
                 agent_errors.append(outcome.text[:200])
                 continue
-            return self._answered(question, session, outcome, attempt, waited)
+            return self._answered(asking, session, outcome, attempt, waited)
         if agent_errors:
             raise AgentFailed(f"the agent failed: {agent_errors[-1]}")
         raise NoAgent(
             "the agent disconnected before replying and no other agent was free", retry_after=1
         )
 
-    async def _continue(self, question: Question) -> Answer:
+    async def _continue(self, asking: _Asking) -> Answer:
         """A turn of a known conversation: only its agent may answer."""
+        question = asking.question
         assert question.conversation_id is not None
         entry = self.conversations.get(question.conversation_id, self._clock())
         if entry is None or (entry.user_id != question.user_id and not question.is_admin):
@@ -295,20 +354,17 @@ class Dispatcher:
         started = self._clock()
         session = await self._acquire(entry.agent_id, frozenset())
         waited = self._clock() - started
-        request = Request(
-            request_id=new_uuid(),
-            message_id=new_uuid(),
-            conversation_id=question.conversation_id,
-            parent_id=question.parent_id or entry.last_response_id,
-            content=question.content,
-        )
         try:
-            outcome = await self._call(session, request)
+            outcome = await self._call(session, asking.request_for(entry))
         except SessionLost:
+            if asking.pieces:
+                raise StreamBroken(MID_ANSWER_GONE) from None
             raise AgentFailed("the agent disconnected before replying") from None
         if isinstance(outcome, AgentError):
+            if asking.pieces:
+                raise StreamBroken(f"the agent failed mid-answer: {outcome.text[:200]}")
             raise AgentFailed(f"the agent failed: {outcome.text[:200]}")
-        return self._answered(question, session, outcome, 1, waited)
+        return self._answered(asking, session, outcome, 1, waited)
 
     def _check_parent(self, question: Question, conversation: Conversation | None) -> None:
         """Refuse a ``parent_id`` that relayd knows as a turn the asker may not continue from.
@@ -327,7 +383,7 @@ class Dispatcher:
             raise BadRequest("parent_id is a turn of another conversation")
 
     def _answered(
-        self, question: Question, session: AgentSession, reply: Reply, attempts: int, waited: float
+        self, asking: _Asking, session: AgentSession, reply: Reply, attempts: int, waited: float
     ) -> Answer:
         """The answer to ``question``, its conversation recorded.
 
@@ -335,8 +391,9 @@ class Dispatcher:
         claim is still the client's answer, but moves nothing (see
         :mod:`relayd.conversations`); the agent is logged as misbehaving.
         """
+        question = asking.question
         conversation_id = reply.conversation_id or question.conversation_id or ""
-        if conversation_id:
+        if conversation_id and not question.is_chat:
             problem = self.conversations.record(
                 conversation_id,
                 agent_id=session.agent_id,
@@ -360,58 +417,87 @@ class Dispatcher:
             agent_id=session.agent_id,
             attempts=attempts,
             queue_wait=waited,
+            streamed=asking.pieces > 0,
+            finish_reason=reply.finish_reason,
+            usage=reply.usage,
         )
 
-    async def _call(self, session: AgentSession, request: Request) -> Reply | AgentError:
+    async def _call(self, session: AgentSession, asking: _Sending) -> Reply | AgentError:
         """Send on a slot we hold, handing it to the session (see AgentSession.ask)."""
         try:
-            return await session.ask(request)
+            return await session.ask(
+                asking.request, asking.on_piece, cancel_reason=asking.cancel_reason
+            )
         except UnsendableText as error:
             # The front door refuses such text (a 400); this is the last line.
             raise BadRequest(str(error)) from None
         except RequestTooLarge as error:
             raise PayloadTooLarge(str(error)) from None
+        except SlowReader:
+            raise StreamBroken(
+                "the client read the answer more slowly than the agent wrote it "
+                "(requests.max_response); the request was cancelled"
+            ) from None
 
     # -- the wait queue ----------------------------------------------------------------
 
-    async def _acquire(self, target: str | None, exclude: frozenset[str]) -> AgentSession:
-        """A session with a slot taken for us: ``target``'s, or any not in ``exclude``."""
+    async def _acquire(
+        self,
+        target: str | None,
+        exclude: frozenset[str],
+        model: str | None = None,
+        v2_only: bool = False,
+    ) -> AgentSession:
+        """A session with a slot taken for us: ``target``'s, or any not in
+        ``exclude`` that serves ``model`` (and speaks v2, with ``v2_only``)."""
         limits = self.config.requests
         if target is None:
             if not self._any:
-                session = self.pool.pick(exclude)
+                session = self.pool.pick(exclude, model, v2_only=v2_only)
                 if session is not None:
                     self.pool.take(session)
                     return session
+            waiter = _Waiter(next(self._seq), None, exclude, model, v2_only)
             if not len(self.pool):
                 wait = limits.wait_for_agent
                 if wait <= 0:
                     raise NoAgent(retry_after=5)
-                return await self._wait(target, exclude, wait, NoAgent(retry_after=5))
-            if not self.pool.has_candidate(exclude):
-                raise NoAgent("no other agent is connected", retry_after=5)
-            return await self._wait(
-                target, exclude, limits.queue_timeout, QueueTimeout(retry_after=5)
-            )
+                return await self._wait(waiter, wait, NoAgent(retry_after=5))
+            if not self.pool.has_candidate(exclude, model, v2_only=v2_only):
+                raise self._no_candidate(exclude, model, v2_only)
+            return await self._wait(waiter, limits.queue_timeout, QueueTimeout(retry_after=5))
+        waiter = _Waiter(next(self._seq), target, exclude)
         session = self.pool.get(target)
-        if session is not None:
+        if session is not None and not session.draining:
             if session.inflight < session.capacity and target not in self._targeted:
                 self.pool.take(session)
                 return session
-            return await self._wait(
-                target, exclude, limits.queue_timeout, QueueTimeout(retry_after=5)
-            )
+            return await self._wait(waiter, limits.queue_timeout, QueueTimeout(retry_after=5))
         grace = self.config.agents.reconnect_grace
-        return await self._wait(target, exclude, grace, ConversationAgentGone(retry_after=5))
+        return await self._wait(waiter, grace, ConversationAgentGone(retry_after=5))
 
-    async def _wait(
-        self, target: str | None, exclude: frozenset[str], patience: float, expired: Exception
-    ) -> AgentSession:
-        """Queue for a slot for ``patience`` seconds; raises ``expired`` if none came."""
+    def _no_candidate(self, exclude: frozenset[str], model: str | None, v2_only: bool) -> Exception:
+        """Why no connected agent could ever take a request: the error to raise."""
+        if model is not None and self.pool.has_candidate(exclude, None, v2_only=v2_only):
+            named, _ = self.pool.models()
+            served = ", ".join(named) if named else "none"
+            return UnknownModel(
+                f"no connected agent serves model {model!r}; models served: {served}"
+            )
+        if v2_only and self.pool.has_candidate(exclude):
+            return NoAgent(
+                "no connected agent speaks agent protocol v2, which chat requests need",
+                retry_after=5,
+            )
+        return NoAgent("no other agent is connected", retry_after=5)
+
+    async def _wait(self, waiter: _Waiter, patience: float, expired: Exception) -> AgentSession:
+        """Queue ``waiter`` for a slot for ``patience`` seconds; raises ``expired``
+        if none came."""
         if self._queued >= self.config.requests.max_queue:
             log.warning("queue full: requests.max_queue=%d", self.config.requests.max_queue)
             raise QueueFull(retry_after=5)
-        waiter = _Waiter(next(self._seq), target, exclude)
+        target = waiter.target
         queue = self._any if target is None else self._targeted.setdefault(target, OrderedDict())
         queue[waiter.seq] = waiter
         self._queued += 1
@@ -448,10 +534,10 @@ class Dispatcher:
             if waiter.session is not None:
                 return
             if waiter.target is None:
-                free = self.pool.pick(waiter.exclude)
+                free = self.pool.pick(waiter.exclude, waiter.model, v2_only=waiter.v2_only)
             else:
                 free = self.pool.get(waiter.target)
-                if free is not None and free.inflight >= free.capacity:
+                if free is not None and (free.inflight >= free.capacity or free.draining):
                     free = None
             if free is None:
                 return
@@ -479,6 +565,8 @@ class Dispatcher:
             waiter.event.set()
 
     def _next_waiter(self, session: AgentSession) -> _Waiter | None:
+        if session.draining:
+            return None
         best: _Waiter | None = None
         targeted = self._targeted.get(session.agent_id)
         if targeted:
@@ -486,7 +574,7 @@ class Dispatcher:
         for looked, waiter in enumerate(self._any.values()):
             if looked >= _EXCLUSION_LOOKAHEAD or (best is not None and waiter.seq > best.seq):
                 break
-            if session.agent_id not in waiter.exclude:
+            if waiter.accepts(session):
                 return waiter
         return best
 
@@ -519,3 +607,75 @@ class Dispatcher:
     async def wait_for_agent(self) -> None:
         """Return when the next agent is admitted (for tests and the bench)."""
         await self._agent_arrived.wait()
+
+
+class _Sending:
+    """One request as it goes to one agent: the frame's event and how its pieces
+    reach the asker."""
+
+    __slots__ = ("cancel_reason", "on_piece", "request")
+
+    def __init__(
+        self,
+        request: Request | ChatRequest,
+        on_piece: Callable[[str], Awaitable[None]] | None,
+        cancel_reason: Callable[[], str],
+    ) -> None:
+        self.request = request
+        self.on_piece = on_piece
+        self.cancel_reason = cancel_reason
+
+
+class _Asking:
+    """A question being asked: what each attempt sends, and how much of the
+    answer has reached the asker (after that, no failover)."""
+
+    __slots__ = ("_deliver", "_dispatcher", "on_piece", "pieces", "question", "scope")
+
+    def __init__(
+        self,
+        question: Question,
+        on_piece: Callable[[str], Awaitable[None]] | None,
+        scope: trio.CancelScope,
+        dispatcher: Dispatcher,
+    ) -> None:
+        self.question = question
+        self.on_piece = on_piece
+        self.scope = scope
+        self.pieces = 0
+        self._dispatcher = dispatcher
+
+    async def _counted(self, piece: str) -> None:
+        assert self.on_piece is not None
+        self.pieces += 1
+        await self.on_piece(piece)
+
+    def cancel_reason(self) -> str:
+        if self._dispatcher._aborted:
+            return "relayd is shutting down"
+        if trio.current_time() >= self.scope.deadline:
+            return "requests.timeout passed"
+        return "the client went away"
+
+    def request_for(self, conversation: Conversation | None) -> _Sending:
+        """The frame's event for one attempt (fresh ids each time)."""
+        question = self.question
+        request: Request | ChatRequest
+        if question.messages is not None:
+            request = ChatRequest(
+                new_uuid(), question.model or "", question.messages, question.params or {}
+            )
+        else:
+            parent = question.parent_id or (
+                conversation.last_response_id if conversation is not None else new_uuid()
+            )
+            request = Request(
+                request_id=new_uuid(),
+                message_id=new_uuid(),
+                conversation_id=question.conversation_id or "",
+                parent_id=parent,
+                content=question.content,
+                model=question.model,
+            )
+        on_piece = self._counted if self.on_piece is not None else None
+        return _Sending(request, on_piece, self.cancel_reason)

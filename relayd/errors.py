@@ -24,8 +24,10 @@ __all__ = [
     "RelayError",
     "RequestTimeout",
     "ShuttingDown",
+    "StreamBroken",
     "Unauthorized",
     "UnknownConversation",
+    "UnknownModel",
     "body_late",
     "retry_after_header",
 ]
@@ -81,6 +83,17 @@ class NotFound(RelayError):
 
 class UnknownConversation(NotFound):
     default_message = "unknown conversation_id"
+
+
+class UnknownModel(NotFound):
+    default_message = "no connected agent serves that model"
+
+
+class StreamBroken(RelayError):
+    """A streamed answer failed after some of it reached the client: never
+    retried elsewhere (a second agent's answer is not spliced on)."""
+
+    default_message = "the answer broke off"
 
 
 class RateLimited(RelayError):

@@ -33,6 +33,8 @@ __all__ = [
     "AskHead",
     "HttpDate",
     "NotSimple",
+    "chunk",
+    "event_stream_head",
     "may_be_ask",
     "parse_ask_head",
     "response_bytes",
@@ -62,6 +64,7 @@ class AskHead:
     body_length: int
     keep_alive: bool  # False when the client sent ``Connection: close``
     expects_continue: bool  # ``Expect: 100-continue``
+    event_stream: bool = False  # ``Accept`` names ``text/event-stream``
 
     @property
     def end(self) -> int:
@@ -97,6 +100,7 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
     hosts = 0
     keep_alive = True
     expects_continue = False
+    event_stream = False
     for line in bytes(buffer[prefix:end]).split(b"\r\n") if end >= prefix else ():
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
@@ -115,6 +119,8 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
             hosts += 1
         elif name == b"connection":
             keep_alive &= b"close" not in (token.strip().lower() for token in value.split(b","))
+        elif name == b"accept":
+            event_stream |= b"text/event-stream" in value.lower()
         elif name == b"expect":
             if value.lower() != b"100-continue":
                 raise NotSimple
@@ -123,7 +129,7 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
             raise NotSimple
     if hosts != 1 or length is None or length > max_body:
         raise NotSimple
-    return AskHead(authorization, end + 4, length, keep_alive, expects_continue)
+    return AskHead(authorization, end + 4, length, keep_alive, expects_continue, event_stream)
 
 
 class HttpDate:
@@ -147,6 +153,31 @@ _STATUS_LINES = {
     status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode("ascii")
     for status in HTTPStatus
 }
+
+
+def event_stream_head(date: bytes, *, close: bool = False) -> bytes:
+    """The head of a ``200`` server-sent-event stream, sent in chunks."""
+    return b"".join(
+        (
+            _STATUS_LINES[200],
+            b"content-type: text/event-stream; charset=utf-8\r\n"
+            b"cache-control: no-cache\r\n"
+            b"x-accel-buffering: no\r\n"
+            b"transfer-encoding: chunked\r\n"
+            b"date: ",
+            date,
+            b"\r\n",
+            b"connection: close\r\n" if close else b"",
+            b"\r\n",
+        )
+    )
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body; b"" gives the last chunk."""
+    if not data:
+        return b"0\r\n\r\n"
+    return b"%x\r\n" % len(data) + data + b"\r\n"
 
 
 def response_bytes(

@@ -31,6 +31,7 @@ from relayd.errors import (
     RelayError,
     RequestTimeout,
     ShuttingDown,
+    StreamBroken,
     Unauthorized,
 )
 from relayd.jsontext import may_hold_surrogate, unencodable_string
@@ -60,6 +61,7 @@ STATUS: dict[type[RelayError], int] = {
     PayloadTooLarge: 413,
     RateLimited: 429,
     AgentFailed: 502,
+    StreamBroken: 502,
     NoAgent: 503,
     QueueFull: 503,
     QueueTimeout: 503,

@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "requests.max_attempts": 3,
     "requests.wait_for_agent": 0.0,
     "requests.max_content": 256 * KiB,
+    "requests.max_response": 1024 * KiB,
     "conversations.ttl": 24 * 3600.0,
     "conversations.max": 100000,
 }

@@ -28,6 +28,12 @@ class FakeSession:
         self._agent_id = agent_id
         self.capacity = capacity
         self.inflight = inflight
+        self.draining = False
+        self.version = 1
+        self.models: tuple[str, ...] = ()
+
+    def serves(self, model: str | None) -> bool:
+        return model is None or not self.models or model in self.models
 
     @property
     def agent_id(self) -> str:

@@ -18,7 +18,18 @@ from dataclasses import dataclass
 
 from relayd.agents.session import AgentSession
 
-__all__ = ["AgentPool", "PoolStatistics"]
+__all__ = ["AgentPool", "PoolStatistics", "eligible"]
+
+
+def eligible(
+    session: AgentSession, exclude: Collection[str], model: str | None, v2_only: bool
+) -> bool:
+    """Whether a request (for ``model``, needing v2 or not) may go to ``session``."""
+    return (
+        session.agent_id not in exclude
+        and session.serves(model)
+        and (not v2_only or session.version == 2)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +48,7 @@ class AgentPool:
         self._free: list[dict[AgentSession, None]] = []  # index: in-flight count
         self._inflight = 0
         self._capacity = 0
+        self._draining = 0  # registered sessions that take no new work
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -65,23 +77,63 @@ class AgentPool:
             return False
         del self._sessions[session.agent_id]
         self._unfile(session)
+        if session.draining:
+            self._draining -= 1
         self._capacity -= session.capacity
         self._inflight -= session.inflight
         return True
 
-    def pick(self, exclude: Collection[str] = ()) -> AgentSession | None:
-        """The session a new conversation should go to, or None if all are full."""
+    def pick(
+        self, exclude: Collection[str] = (), model: str | None = None, *, v2_only: bool = False
+    ) -> AgentSession | None:
+        """The session a new conversation should go to, or None if all are full.
+
+        Only sessions that serve ``model`` (None: any), and with ``v2_only``
+        only protocol v2 sessions (chat requests), are candidates.
+        """
+        if model is None and not v2_only:
+            for bucket in self._free:
+                for session in bucket:
+                    if session.agent_id not in exclude:
+                        return session
+            return None
         for bucket in self._free:
             for session in bucket:
-                if session.agent_id not in exclude:
+                if eligible(session, exclude, model, v2_only):
                     return session
         return None
 
-    def has_candidate(self, exclude: Collection[str]) -> bool:
-        """Whether any registered session, busy or not, is outside ``exclude``."""
-        if len(exclude) < len(self._sessions):
-            return True
-        return any(agent_id not in exclude for agent_id in self._sessions)
+    def has_candidate(
+        self, exclude: Collection[str], model: str | None = None, *, v2_only: bool = False
+    ) -> bool:
+        """Whether any registered session, busy or not, could take such a request."""
+        if model is None and not v2_only and not self._draining:
+            if len(exclude) < len(self._sessions):
+                return True
+            return any(agent_id not in exclude for agent_id in self._sessions)
+        return any(
+            eligible(session, exclude, model, v2_only) and not session.draining
+            for session in self._sessions.values()
+        )
+
+    def models(self) -> tuple[list[str], bool]:
+        """``(models named by connected agents, whether one takes any model)``."""
+        named: dict[str, None] = {}
+        any_model = False
+        for session in self._sessions.values():
+            if session.draining:
+                continue
+            if not session.models:
+                any_model = True
+            named.update(dict.fromkeys(session.models))
+        return sorted(named), any_model
+
+    def set_draining(self, session: AgentSession) -> None:
+        """A draining session takes no new work: it leaves the free buckets.
+        (``session.draining`` is already set.)"""
+        if self._sessions.get(session.agent_id) is session:
+            self._unfile(session)
+            self._draining += 1
 
     def take(self, session: AgentSession) -> None:
         """Occupy one of ``session``'s slots (it must have one free)."""
@@ -118,7 +170,11 @@ class AgentPool:
         return PoolStatistics(len(self._sessions), busy, self._inflight, self._capacity)
 
     def _file(self, session: AgentSession) -> None:
-        if session.inflight < session.capacity and session.agent_id in self._sessions:
+        if (
+            session.inflight < session.capacity
+            and not session.draining
+            and self._sessions.get(session.agent_id) is session
+        ):
             while len(self._free) <= session.inflight:
                 self._free.append({})
             self._free[session.inflight][session] = None

@@ -44,12 +44,12 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
 
-from relayd.config import AgentsConfig
+from relayd.config import AgentsConfig, RequestsConfig
 from relayd.protocol import (
     AgentError,
     CloseCode,
@@ -64,6 +64,18 @@ from relayd.protocol import (
     Request,
     State,
     UnsendableText,
+)
+from relayd.protocol.v2 import (
+    AgentHello,
+    Cancel,
+    ChatRequest,
+    Delta,
+    Drain,
+    Goodbye,
+    RelayConnectionV2,
+    Update,
+    V2State,
+    Welcome,
 )
 
 __all__ = [
@@ -81,6 +93,8 @@ log = logging.getLogger("relayd.agents")
 # Give up closing a socket politely after this long: a peer that stops reading
 # can block a shielded send forever.
 CLOSE_TIMEOUT = 5.0
+# When a v2 agent told goodbye should reconnect (a restart takes about this long).
+GOODBYE_RECONNECT = 1.0
 # A session that sees this many protocol errors in a row is closed: a
 # well-meaning agent never gets there, a broken one is not worth the log noise.
 MAX_CONSECUTIVE_PROTOCOL_ERRORS = 20
@@ -121,6 +135,12 @@ class Transport(Protocol):
     def failure(self) -> tuple[int, str] | None:
         """The close code and reason with which the transport itself ended the
         connection (a malformed or oversized frame), or None."""
+
+    def ping_nowait(self) -> Awaitable[None] | None:
+        """Send a WebSocket ping (v2's heartbeat), as :meth:`send_nowait` sends text."""
+
+    on_pong: Callable[[], None] | None
+    """Called when the agent's WebSocket pong arrives (set by a v2 session)."""
 
 
 async def _finish(rest: Awaitable[None]) -> None:
@@ -164,32 +184,98 @@ class SessionHost(Protocol):
     def agents_config(self) -> AgentsConfig:
         """The current ``[agents]`` settings (they change on reload)."""
 
+    def requests_config(self) -> RequestsConfig:
+        """The current ``[requests]`` settings."""
+
+    def capacity_changed(self, session: AgentSession, capacity: int) -> None:
+        """A v2 agent announced a new capacity (or its hello did)."""
+
+    def models_changed(self, session: AgentSession) -> None:
+        """A v2 agent announced new models: waiters for them may now be served."""
+
+    def draining(self, session: AgentSession) -> None:
+        """A v2 agent takes no new work from now on."""
+
+
+class SlowReader(Exception):
+    """A streamed answer's pieces piled up past ``requests.max_response``
+    because its client read them more slowly than the agent sent them."""
+
 
 class Call:
-    """The one-shot result of one request sent to an agent."""
+    """The result of one request sent to an agent: for a streamed one, also its
+    pieces as they come (v2 deltas; a v1 answer comes whole).
 
-    __slots__ = ("_done", "_outcome", "abandoned", "frame", "request", "session")
+    The session's reader task adds pieces and the outcome; the asker's task
+    takes them. Pieces wait here only while the asker writes the ones before:
+    their size is bounded (``requests.max_response``) by the session.
+    """
 
-    def __init__(self, session: AgentSession, request: Request, frame: str) -> None:
+    __slots__ = (
+        "_more",
+        "_outcome",
+        "abandoned",
+        "delivered",
+        "frame",
+        "pending",
+        "pending_size",
+        "received_size",
+        "request",
+        "session",
+        "streaming",
+    )
+
+    def __init__(
+        self, session: AgentSession, request: Request | ChatRequest, frame: str, streaming: bool
+    ) -> None:
         self.session = session
         self.request = request
         self.frame = frame
-        self._done = trio.Event()
-        self._outcome: Reply | AgentError | SessionLost | None = None
+        self.streaming = streaming  # keep pieces for the asker
+        self.pending: list[str] = []
+        self.pending_size = 0
+        self.received_size = 0  # characters of deltas so far (bounded by agents.max_message)
+        self.delivered = 0  # pieces the asker has taken
+        self._more = trio.Event()
+        self._outcome: Reply | AgentError | SessionLost | SlowReader | None = None
         self.abandoned = False  # the caller stopped waiting (deadline, client gone)
 
-    def _resolve(self, outcome: Reply | AgentError | SessionLost) -> None:
+    @property
+    def settled(self) -> bool:
+        return self._outcome is not None
+
+    def _push(self, text: str) -> None:
+        if self.streaming and self._outcome is None:
+            self.pending.append(text)
+            self.pending_size += len(text)
+            self._more.set()
+
+    def _resolve(self, outcome: Reply | AgentError | SessionLost | SlowReader) -> None:
         if self._outcome is None:
             self._outcome = outcome
-            self._done.set()
+            self._more.set()
+
+    async def next_pieces(self) -> list[str] | None:
+        """The pieces that came since the last call, waiting for some; None once
+        the call is settled and every piece was taken."""
+        while not self.pending:
+            if self._outcome is not None:
+                return None
+            await self._more.wait()
+            self._more = trio.Event()
+        pieces, self.pending, self.pending_size = self.pending, [], 0
+        self.delivered += len(pieces)
+        return pieces
 
     async def result(self) -> Reply | AgentError:
-        """Wait for the answer. Raises :class:`SessionLost` if the agent went away."""
-        await self._done.wait()
+        """Wait for the answer. Raises :class:`SessionLost` if the agent went away,
+        :class:`SlowReader` if the asker fell too far behind."""
+        while self._outcome is None:
+            await self._more.wait()
+            self._more = trio.Event()
         outcome = self._outcome
-        if isinstance(outcome, SessionLost):
+        if isinstance(outcome, SessionLost | SlowReader):
             raise outcome
-        assert outcome is not None
         return outcome
 
 
@@ -211,13 +297,18 @@ class AgentSession:
         "capacity",
         "connected_at",
         "credential",
+        "draining",
         "heard_at",
         "inflight",
         "last_message_at",
         "last_pong_at",
+        "models",
+        "name",
         "next_ping_at",
         "protocol",
         "remote",
+        "software",
+        "version",
     )
 
     def __init__(
@@ -228,13 +319,22 @@ class AgentSession:
         credential: str,
         remote: str,
         connection_id: str | None = None,
+        version: int = 1,
     ) -> None:
         self._transport = transport
         self._host = host
         self.credential = credential  # who the agent proved to be: "loopback" or a key hash
         self.remote = remote
-        self.protocol = RelayConnection(connection_id or str(uuid.uuid4()))
-        self.agent_id = self.protocol.connection_id  # may change to a reclaimed id
+        self.version = version  # the agent protocol's, negotiated in the upgrade
+        offered = connection_id or str(uuid.uuid4())
+        self.protocol: RelayConnection | RelayConnectionV2 = (
+            RelayConnectionV2(offered) if version == 2 else RelayConnection(offered)
+        )
+        self.agent_id = offered  # may change to a reclaimed id
+        self.models: tuple[str, ...] = ()  # v2: what the agent serves (empty: anything)
+        self.name = ""  # v2: what the agent calls itself, and its software's version
+        self.software = ""
+        self.draining = False  # v2: the agent takes no new work
         self.capacity = host.agents_config().max_inflight
         self.inflight = 0  # maintained by the pool
         now = time.time()
@@ -256,11 +356,27 @@ class AgentSession:
 
     @property
     def is_open(self) -> bool:
-        return self.protocol.state is State.OPEN and self._scope is not None
+        """Whether the session is past its handshake and not closed (a draining
+        v2 agent's is open, but takes no new requests)."""
+        if self._scope is None:
+            return False
+        if isinstance(self.protocol, RelayConnectionV2):
+            return self.protocol.state in (V2State.OPEN, V2State.DRAINING, V2State.GOING)
+        return self.protocol.state is State.OPEN
+
+    def serves(self, model: str | None) -> bool:
+        """Whether a request for ``model`` (None: any) may go to this agent."""
+        return model is None or not self.models or model in self.models
 
     # -- used by the dispatcher ------------------------------------------------
 
-    async def ask(self, request: Request) -> Reply | AgentError:
+    async def ask(
+        self,
+        request: Request | ChatRequest,
+        on_piece: Callable[[str], Awaitable[None]] | None = None,
+        *,
+        cancel_reason: Callable[[], str] = lambda: "cancelled",
+    ) -> Reply | AgentError:
         """Send ``request`` on a slot the caller has taken, and wait for the answer.
 
         The caller hands its slot over with the call, and from then on this
@@ -273,14 +389,20 @@ class AgentSession:
         request, so that nothing waits for a reply to a frame that was never
         sent, and it propagates (:class:`SessionLost` for a closed session).
 
-        If the caller is cancelled after the frame has left, the request is
-        abandoned but its slot stays taken until the agent answers or goes:
-        the seed protocol has no cancel.
+        ``on_piece`` is awaited with each piece of a streamed answer as it
+        comes (v2 deltas; a v1 agent's answer is the final reply alone). If it
+        falls more than ``requests.max_response`` behind the agent, the
+        request ends with :class:`SlowReader`.
+
+        If the caller stops waiting after the frame has left (its deadline,
+        its client gone), a v2 agent is sent ``cancel`` (``cancel_reason()``
+        says why) and the slot is freed at once; a v1 agent has no cancel, so
+        its slot stays taken until it answers or goes.
         """
         sent = writing = False
         call: Call | None = None
         try:
-            call = self._register(request)
+            call = self._register(request, streaming=on_piece is not None)
             writing = True
             # Shielded so that a frame is never half-given to the transport, but
             # not past the caller's own deadline: the transport's write honours
@@ -300,16 +422,40 @@ class AgentSession:
                     self.request_close(CloseCode.INTERNAL_ERROR, "a request frame was not sent")
         assert call is not None
         try:
+            if on_piece is not None:
+                while (pieces := await call.next_pieces()) is not None:
+                    for piece in pieces:
+                        await on_piece(piece)
             return await call.result()
         finally:
             call.abandoned = True
+            if not call.settled or isinstance(call._outcome, SlowReader):
+                await self._cancel(call, cancel_reason())
 
-    def _register(self, request: Request) -> Call:
+    async def _cancel(self, call: Call, reason: str) -> None:
+        """Tell a v2 agent to stop a request nobody waits for, and free its slot now."""
+        request_id = call.request.request_id
+        if not isinstance(self.protocol, RelayConnectionV2):
+            return  # v1 has no cancel: the agent's answer frees the slot
+        if request_id not in self.protocol.outstanding or self._calls.get(request_id) is not call:
+            return
+        frame = self.protocol.send(Cancel(request_id, reason))
+        del self._calls[request_id]
+        self._host.slot_freed(self)
+        log.info("request cancelled: %s request=%s reason=%s", self, request_id[:8], reason)
+        rest = self._transport.send_nowait(frame)
+        if rest is not None:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await rest
+
+    def _register(self, request: Request | ChatRequest, *, streaming: bool) -> Call:
         """The call for ``request``, registered as in flight; SessionLost if closed."""
         if not self.is_open:
             raise SessionLost(f"{self} is closed")
+        if isinstance(request, ChatRequest) and not isinstance(self.protocol, RelayConnectionV2):
+            raise SessionLost(f"{self} speaks protocol v1, which has no chat requests")
         try:
-            frame = self.protocol.send(request)
+            frame = self.protocol.send(request)  # type: ignore[arg-type]
         except UnsendableText:
             raise  # the request's fault: the session is fine
         except LocalProtocolError as error:
@@ -321,7 +467,7 @@ class AgentSession:
                     f"the request's frame to the agent would be over agents.max_message "
                     f"({limit} bytes) once encoded"
                 )
-            call = Call(self, request, frame)
+            call = Call(self, request, frame, streaming)
             self._calls[request.request_id] = call
         except BaseException:
             self.protocol.withdraw(request.request_id)
@@ -336,19 +482,28 @@ class AgentSession:
         self._host.slot_freed(self)
 
     def ping(self, slow_sends: trio.Nursery) -> None:
-        """Send the protocol's ping now (the Heartbeat calls this).
+        """Send a ping now (the Heartbeat calls this): v1's JSON ``ping``, the
+        one the seed's agents expect; for v2 a WebSocket ping, which the agent's
+        library answers without waking its application.
 
         Written straight to the transport when it takes the frame at once;
         otherwise finished by a task in ``slow_sends``.
         """
-        self._ping_count += 1
-        try:
-            frame = self.protocol.send(Ping(f"ping-{self._ping_count}"))
-        except LocalProtocolError:
-            return  # closing
-        rest = self._transport.send_nowait(frame)
+        if isinstance(self.protocol, RelayConnectionV2):
+            rest = self._transport.ping_nowait()
+        else:
+            self._ping_count += 1
+            try:
+                frame = self.protocol.send(Ping(f"ping-{self._ping_count}"))
+            except LocalProtocolError:
+                return  # closing
+            rest = self._transport.send_nowait(frame)
         if rest is not None:
             slow_sends.start_soon(_finish, rest)
+
+    def _ponged(self) -> None:
+        self.heard_at = trio.current_time()
+        self.last_pong_at = time.time()
 
     def request_close(self, code: int, reason: str) -> None:
         """End the session from outside (shutdown, reclaim, revoked key)."""
@@ -382,12 +537,20 @@ class AgentSession:
                 log.warning("agent refused: %s remote=%s", refusal, self.remote)
                 return
             admitted = True
+            if isinstance(self.protocol, RelayConnectionV2):
+                settings = self._host.agents_config()
+                welcome = Welcome(self.agent_id, settings.heartbeat_interval)
+                self._transport.on_pong = self._ponged
+                await self._transport.send(self.protocol.send(welcome))
             log.info(
-                "agent connected: %s remote=%s%s",
+                "agent connected: %s remote=%s%s%s",
                 self,
                 self.remote,
                 " (reclaimed its id)"
                 if hello.is_reclaim and self.agent_id == hello.connection_id
+                else "",
+                f" protocol=2 capacity={self.capacity} models={','.join(self.models) or '(any)'}"
+                if self.version == 2
                 else "",
             )
             # Read frames until the agent goes. Liveness is the relay-wide
@@ -429,6 +592,8 @@ class AgentSession:
                 call = self._calls.pop(request_id, None)
                 if call is not None:
                     call._resolve(SessionLost(f"{self} disconnected before replying"))
+            if isinstance(self.protocol, RelayConnectionV2):
+                self._transport.on_pong = None
             if admitted:
                 self._host.remove(self)
                 log.info(
@@ -439,16 +604,33 @@ class AgentSession:
                     len(lost.outstanding),
                 )
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                if self._close_code == CloseCode.GOING_AWAY:
+                    await self._say_goodbye()
                 await self._transport.close(self._close_code, self._close_reason[:120])
+
+    async def _say_goodbye(self) -> None:
+        """Tell a v2 agent that the relay is going and when to come back."""
+        if isinstance(self.protocol, RelayConnectionV2):
+            goodbye = Goodbye(self._close_reason or "relayd is going away", GOODBYE_RECONNECT)
+            try:
+                frame = self.protocol.send(goodbye)
+            except LocalProtocolError:
+                return  # closed already
+            await self._transport.send(frame)
 
     async def _greet(self) -> Hello | None:
         """Greet and read the agent's answer within ``handshake_timeout``.
 
+        v1: the relay offers an id, the agent answers with the one it wants.
+        v2: the agent says hello first (its capacity, models, the id it had);
+        the relay's welcome follows admission (see :meth:`run`).
         None (with the close code and reason set) if the handshake fails.
         """
         timeout = self._host.agents_config().handshake_timeout
         with trio.CancelScope(deadline=trio.current_time() + timeout) as self._scope:
-            await self._transport.send(self.protocol.send(Greeting(self.protocol.connection_id)))
+            if isinstance(self.protocol, RelayConnection):
+                greeting = Greeting(self.protocol.connection_id)
+                await self._transport.send(self.protocol.send(greeting))
             return await self._handshake()
         if not self._closing:
             log.warning("agent handshake timed out after %.1fs remote=%s", timeout, self.remote)
@@ -463,16 +645,24 @@ class AgentSession:
             return None
         try:
             if isinstance(message, bytes):
-                self.protocol.receive_bytes(message)
-            hello = self.protocol.receive_text(message)  # type: ignore[arg-type]
+                raise RemoteProtocolError(
+                    f"binary frame of {len(message)} bytes; the protocol is text only",
+                    close_code=CloseCode.PROTOCOL_ERROR,
+                )
+            hello = self.protocol.receive_text(message)
         except RemoteProtocolError as error:
             log.warning("agent handshake failed: %s remote=%s", error, self.remote)
             self._close_code = CloseCode.PROTOCOL_ERROR
             self._close_reason = f"handshake failed: {error}"
             return None
-        assert isinstance(hello, Hello)
         self.heard_at = trio.current_time()
         self.last_message_at = time.time()
+        if isinstance(hello, AgentHello):
+            self.name, self.software, self.models = hello.name, hello.version, hello.models
+            self.capacity = hello.capacity
+            offered = self.protocol.connection_id
+            return Hello(hello.resume or offered, offered)
+        assert isinstance(hello, Hello)
         return hello
 
     def _handle(self, message: str | bytes) -> bool:
@@ -488,8 +678,10 @@ class AgentSession:
             return False
         try:
             if isinstance(message, bytes):
-                self.protocol.receive_bytes(message)
-            event = self.protocol.receive_text(message)  # type: ignore[arg-type]
+                raise RemoteProtocolError(
+                    f"binary frame of {len(message)} bytes; the protocol is text only"
+                )
+            event = self.protocol.receive_text(message)
         except RemoteProtocolError as error:
             self._protocol_errors += 1
             if error.close_code is not None or (
@@ -504,6 +696,8 @@ class AgentSession:
         self._protocol_errors = 0
         if isinstance(event, Pong):
             self.last_pong_at = self.last_message_at
+        elif isinstance(event, Delta):
+            self._delta(event, settings)
         elif isinstance(event, Reply | AgentError):
             call = self._calls.pop(event.request_id, None)
             if call is not None:
@@ -511,4 +705,42 @@ class AgentSession:
                     log.debug("late reply dropped: %s request=%s", self, event.request_id)
                 call._resolve(event)
             self._host.slot_freed(self)
+        elif isinstance(event, Update):
+            self._update(event)
+        elif isinstance(event, Drain) and not self.draining:
+            self.draining = True
+            log.info("agent draining: %s inflight=%d", self, self.inflight)
+            self._host.draining(self)
         return True
+
+    def _delta(self, delta: Delta, settings: AgentsConfig) -> None:
+        call = self._calls.get(delta.request_id)
+        if call is None:
+            return
+        call.received_size += len(delta.text)
+        call._push(delta.text)
+        if call.received_size > settings.max_message:
+            call._resolve(
+                AgentError(
+                    delta.request_id,
+                    f"the answer grew past agents.max_message ({settings.max_message} characters)",
+                    retryable=False,
+                )
+            )
+        elif call.pending_size > self._host.requests_config().max_response:
+            log.warning(
+                "client reads too slowly, request cancelled: %s request=%s "
+                "(requests.max_response behind)",
+                self,
+                delta.request_id[:8],
+            )
+            call._resolve(SlowReader("the client read the answer more slowly than it came"))
+
+    def _update(self, update: Update) -> None:
+        if update.models is not None and update.models != self.models:
+            self.models = update.models
+            log.info("agent models: %s %s", self, ", ".join(self.models) or "(any)")
+            self._host.models_changed(self)
+        if update.capacity is not None and update.capacity != self.capacity:
+            log.info("agent capacity: %s %d", self, update.capacity)
+            self._host.capacity_changed(self, update.capacity)

@@ -33,6 +33,7 @@ __all__ = [
     "AgentUpgrade",
     "accept_response",
     "may_be_agent_upgrade",
+    "offered_subprotocols",
     "parse_agent_upgrade",
     "refusal_body",
     "refusal_headers",
@@ -110,13 +111,29 @@ def parse_agent_upgrade(head: bytes) -> AgentUpgrade | None:
     return AgentUpgrade(path=path, query=query, headers=headers, key=key, early_data=early_data)
 
 
-def accept_response(upgrade: AgentUpgrade) -> bytes:
-    """The ``101`` that completes the upgrade (no subprotocol, no extension)."""
+def offered_subprotocols(upgrade: AgentUpgrade) -> list[str]:
+    """The subprotocols the agent offered (``Sec-WebSocket-Protocol``), in its order."""
+    offered: list[str] = []
+    for name, value in upgrade.headers:
+        if name == b"sec-websocket-protocol":
+            offered += [token.strip() for token in value.decode("latin-1").split(",")]
+    return [token for token in offered if token]
+
+
+def accept_response(upgrade: AgentUpgrade, subprotocol: str | None = None) -> bytes:
+    """The ``101`` that completes the upgrade, with the chosen subprotocol if any
+    (no extension)."""
+    chosen = b""
+    if subprotocol is not None:
+        chosen = b"Sec-WebSocket-Protocol: " + subprotocol.encode("ascii") + b"\r\n"
     return (
         b"HTTP/1.1 101 Switching Protocols\r\n"
         b"Upgrade: websocket\r\n"
         b"Connection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + generate_accept_token(upgrade.key) + b"\r\n\r\n"
+        + chosen
+        + b"Sec-WebSocket-Accept: "
+        + generate_accept_token(upgrade.key)
+        + b"\r\n\r\n"
     )
 
 

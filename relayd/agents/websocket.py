@@ -27,6 +27,7 @@ from relayd.agents.session import AgentSession, SessionHost
 from relayd.agents.upgrade import (
     accept_response,
     may_be_agent_upgrade,
+    offered_subprotocols,
     parse_agent_upgrade,
     refusal_body,
     refusal_headers,
@@ -34,6 +35,7 @@ from relayd.agents.upgrade import (
 )
 from relayd.agents.wire import WireTransport
 from relayd.hypercorn_fixes import ServerTerms, WriteLimits
+from relayd.protocol.v2 import SUBPROTOCOL
 from relayd.throttle import FailureThrottle
 
 __all__ = ["AgentEndpoint", "AsgiTransport", "Refusal", "deny_websocket"]
@@ -49,7 +51,7 @@ Send = Callable[[Message], Awaitable[None]]
 class AsgiTransport:
     """The session's Transport over ASGI WebSocket messages."""
 
-    __slots__ = ("_closed", "_receive", "_send", "close_code", "failure")
+    __slots__ = ("_closed", "_receive", "_send", "close_code", "failure", "on_pong")
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive = receive
@@ -57,6 +59,8 @@ class AsgiTransport:
         self._closed = False
         self.close_code: int | None = None
         self.failure: tuple[int, str] | None = None  # Hypercorn fails connections itself
+        # ASGI cannot send a WebSocket ping, so protocol v2 is never offered here.
+        self.on_pong: Callable[[], None] | None = None
 
     async def accept(self) -> bool:
         message = await self._receive()
@@ -95,6 +99,9 @@ class AsgiTransport:
     def send_nowait(self, text: str) -> Awaitable[None] | None:
         # Hypercorn's connection lock keeps frames whole and in order.
         return self.send(text)
+
+    def ping_nowait(self) -> Awaitable[None] | None:
+        raise NotImplementedError("ASGI has no WebSocket ping: v2 is not offered on this path")
 
     async def close(self, code: int, reason: str) -> None:
         if not self._closed:
@@ -184,8 +191,12 @@ class AgentEndpoint:
         if isinstance(verdict, Refusal):
             return _send_refusal(stream, writes, verdict)
         settings = self._host.agents_config()
-        transport = WireTransport(stream, accept_response(upgrade), writes, settings.max_message)
-        session = AgentSession(transport, self._host, credential=verdict, remote=_remote(client))
+        version = 2 if SUBPROTOCOL in offered_subprotocols(upgrade) else 1
+        accept = accept_response(upgrade, SUBPROTOCOL if version == 2 else None)
+        transport = WireTransport(stream, accept, writes, settings.max_message)
+        session = AgentSession(
+            transport, self._host, credential=verdict, remote=_remote(client), version=version
+        )
         return session.run()
 
     # -- the ASGI path -------------------------------------------------------------------

@@ -22,12 +22,20 @@ than by a queue.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, TextMessage
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Message,
+    Ping,
+    Pong,
+    TextMessage,
+)
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
@@ -107,6 +115,10 @@ def parse_simple_frame(buffer: bytearray, max_message: int) -> tuple[str, int] |
     return text, end
 
 
+# A server's ping with no payload (RFC 6455, 5.5.2): FIN + opcode 0x9, length 0.
+PING_FRAME = b"\x89\x00"
+
+
 def text_frame(text: str) -> bytes:
     """A server's (unmasked) frame carrying ``text`` as one message."""
     payload = text.encode("utf-8")
@@ -145,6 +157,7 @@ class WireTransport:
         "_ws",
         "close_code",
         "failure",
+        "on_pong",
     )
 
     def __init__(
@@ -167,6 +180,7 @@ class WireTransport:
         self._size = 0
         self.close_code: int | None = None  # the agent's, if it sent a close frame
         self.failure: tuple[int, str] | None = None  # ours, if we failed the connection
+        self.on_pong: Callable[[], None] | None = None  # a v2 session's heartbeat
 
     async def accept(self) -> bool:
         if await self._write(self._accept):
@@ -192,6 +206,9 @@ class WireTransport:
                             return message
                     elif isinstance(event, Ping):
                         await self._send_event(event.response())
+                    elif isinstance(event, Pong):
+                        if self.on_pong is not None:
+                            self.on_pong()
                     elif isinstance(event, CloseConnection):
                         await self._closed_by_agent(event)
                         return None
@@ -249,6 +266,12 @@ class WireTransport:
         if self._closed or self._gone:
             return None
         return self._put(text_frame(text))
+
+    def ping_nowait(self) -> Awaitable[None] | None:
+        """A WebSocket ping, written now if the socket takes it (see send_nowait)."""
+        if self._closed or self._gone:
+            return None
+        return self._put(PING_FRAME)
 
     async def close(self, code: int, reason: str) -> None:
         if self._closed:

@@ -78,6 +78,7 @@ class Request:
     conversation_id: str  # "" starts a new conversation
     parent_id: str
     content: str
+    model: str | None = None  # v2 only: the model asked for, when one was
 
     def reply(self, response_id: str, conversation_id: str, content: str) -> Reply:
         return Reply(self.request_id, response_id, conversation_id, content)
@@ -88,19 +89,29 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
+    """A request's answer (v1 ``ChatGptResponse``, v2 ``done``)."""
+
     request_id: str
     response_id: str
     conversation_id: str
     content: str
+    finish_reason: str | None = None  # v2: "stop", "length", ...
+    usage: dict[str, int] | None = None  # v2: prompt_tokens, completion_tokens
 
 
 @dataclass(frozen=True, slots=True)
 class AgentError:
-    """The agent could not do a request; or (``malformed``) its reply was unreadable."""
+    """The agent could not do a request; or (``malformed``) its reply was unreadable.
+
+    ``code`` and ``retryable`` are v2's (a v1 error may always be retried
+    elsewhere, as the seed did).
+    """
 
     request_id: str
     text: str
     malformed: bool = False
+    code: str = "agent_error"
+    retryable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
