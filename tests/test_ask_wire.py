@@ -96,7 +96,14 @@ class FakeEndpoint:
         return None, f"user-{authorization}"
 
     async def answer(
-        self, authorization: str | None, address: str, body: bytes, *, caller: Caller | None = None
+        self,
+        authorization: str | None,
+        address: str,
+        body: bytes,
+        *,
+        caller: Caller | None = None,
+        event_stream: bool = False,
+        sink: object = None,
     ) -> Reply:
         assert isinstance(body, bytes)  # the wire path reads the body first
         index = len(self.calls)
