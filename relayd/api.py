@@ -37,6 +37,7 @@ from relayd.errors import (
     body_late,
     retry_after_header,
 )
+from relayd.openai_api import ChatCompletionsEndpoint, models_listing, openai_error
 from relayd.state import RelayState
 from relayd.users import UserStoreError
 from relayd.web import (
@@ -60,6 +61,16 @@ AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> Response:
     response = Response(error_body(message), status=status, content_type="application/json")
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after_header(retry_after)
+    return response
+
+
+def v1_error(status: int, message: str, retry_after: float | None = None) -> Response:
+    """An error on a /v1 route, in OpenAI's shape (the SDKs parse it)."""
+    response = Response(
+        openai_error(message, status), status=status, content_type="application/json"
+    )
     if retry_after is not None:
         response.headers["Retry-After"] = retry_after_header(retry_after)
     return response
@@ -133,6 +144,8 @@ def create_app(state: RelayState) -> Quart:
     @app.errorhandler(RelayError)
     async def relay_error(error: RelayError) -> Response:
         status = status_of(error)
+        if request.path.startswith("/v1/"):
+            return v1_error(status, error.message, error.retry_after)
         return error_response(status, error.message, error.retry_after)
 
     @app.errorhandler(HTTPException)
@@ -148,7 +161,10 @@ def create_app(state: RelayState) -> Quart:
             message = f"method {request.method} not allowed on {redact_path(request.path)}"
         else:
             message = error.description or error.name
-        response = error_response(status, message)
+        if request.path.startswith("/v1/"):
+            response = v1_error(status, message)
+        else:
+            response = error_response(status, message)
         if status == 405 and error.get_headers():
             for name, value in error.get_headers():
                 if name.lower() == "allow":
@@ -219,6 +235,11 @@ def create_app(state: RelayState) -> Quart:
         state.set_users(table)
         log.info("user deleted: user=%s", user_id)
         return json_response({"message": "User deleted"})
+
+    @app.get("/v1/models")
+    async def v1_models() -> Response:
+        gate.user(request.headers.get("Authorization"), request.remote_addr or "unix", request.path)
+        return json_response(models_listing(state))
 
     @app.get("/admin/users")
     async def list_users() -> Response:
@@ -313,7 +334,10 @@ def agent_endpoint(state: RelayState) -> AgentEndpoint:
 
 
 def create_asgi_app(
-    state: RelayState, agents: AgentEndpoint | None = None, ask: AskEndpoint | None = None
+    state: RelayState,
+    agents: AgentEndpoint | None = None,
+    ask: AskEndpoint | None = None,
+    chat: ChatCompletionsEndpoint | None = None,
 ) -> AsgiApp:
     """The whole server: ``/api/ask`` and agent WebSockets served bare (the hot
     paths), everything else by Quart. The daemon passes the endpoints it also
@@ -323,6 +347,8 @@ def create_asgi_app(
         agents = agent_endpoint(state)
     if ask is None:
         ask = AskEndpoint(state)
+    if chat is None:
+        chat = ChatCompletionsEndpoint(state)
 
     def relayd_app(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # Returns the handler's coroutine rather than awaiting it: one frame fewer
@@ -336,6 +362,8 @@ def create_asgi_app(
         if kind == "http":
             if scope["path"] == "/api/ask":
                 return ask(scope, receive, send)
+            if scope["path"] == "/v1/chat/completions":
+                return chat(scope, receive, send)
             if agent_key_from_path(scope["path"])[0]:
                 return _upgrade_required(send)
         if kind == "websocket":

@@ -24,12 +24,12 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from relayd.agents.websocket import Message, Receive, Scope, Send
-from relayd.dispatch import Question
+from relayd.dispatch import Answer, Question
 from relayd.errors import (
     BadRequest,
     PayloadTooLarge,
@@ -44,8 +44,10 @@ from relayd.web import Gate, error_body, optional_string, parse_json_object, sta
 
 __all__ = [
     "AskEndpoint",
+    "Asked",
     "Caller",
     "ClientGone",
+    "JsonEndpoint",
     "Reply",
     "StreamSink",
     "accepts_event_stream",
@@ -77,13 +79,47 @@ BodySource = bytes | Callable[[], Awaitable[bytes]]
 Caller = tuple[User | None, str]
 
 
-class AskEndpoint:
-    """``/api/ask``: :meth:`answer` serves both the wire path
-    (:mod:`relayd.ask_wire`) and, called as an ASGI application, Hypercorn's."""
+@dataclass(slots=True)
+class Asked:
+    """Who asks, for the log line of a failure."""
+
+    user: User | None
+    user_id: str
+    conversation_id: str = "-"
+
+
+class JsonEndpoint:
+    """A route that takes a JSON question and answers with an agent's answer:
+    ``/api/ask`` (:class:`AskEndpoint`) and ``/v1/chat/completions``
+    (:class:`relayd.openai_api.ChatCompletionsEndpoint`).
+
+    :meth:`answer` serves both the wire path (:mod:`relayd.ask_wire`) and,
+    called as an ASGI application, Hypercorn's. A subclass says how a
+    question is read and answered (:meth:`respond`) and what an error looks
+    like (:meth:`error_body`).
+    """
+
+    path = "/"
 
     def __init__(self, state: RelayState) -> None:
         self._state = state
         self._gate = Gate(state)
+
+    def error_body(self, error: RelayError, status: int) -> bytes:
+        return error_body(error.message)
+
+    async def respond(
+        self,
+        document: dict[str, Any],
+        asked: Asked,
+        *,
+        event_stream: bool,
+        sink: StreamSink | None,
+    ) -> Reply | None:
+        """Answer the question in ``document``: a :class:`Reply`, or None once
+        it was streamed through ``sink``. Raises RelayError before the first
+        byte of a stream; after it, ends the stream with an error itself."""
+        raise NotImplementedError
 
     @property
     def max_body(self) -> int:
@@ -104,7 +140,7 @@ class AskEndpoint:
 
     def caller(self, authorization: str | None, address: str) -> Caller:
         """Check the credentials; raises RelayError (401, 429)."""
-        return self._gate.user(authorization, address, "/api/ask")
+        return self._gate.user(authorization, address, self.path)
 
     def stalled(self) -> RequestTimeout:
         return RequestTimeout(
@@ -124,7 +160,7 @@ class AskEndpoint:
         extra = []
         if error.retry_after is not None:
             extra.append((b"retry-after", retry_after_header(error.retry_after).encode()))
-        return Reply(status, error_body(error.message), extra)
+        return Reply(status, self.error_body(error, status), extra)
 
     async def answer(
         self,
@@ -147,49 +183,29 @@ class AskEndpoint:
 
         Raises :class:`ClientGone` when the reader finds the client gone.
         """
-        user_id = "-"
-        conversation_id = "-"
+        asked = Asked(None, "-")
         # False in the finally below: cancelled, or ClientGone (the client went away)
         settled = False
-        streamer: _EventStream | None = None
         try:
-            user, user_id = caller or self.caller(authorization, address)
+            asked.user, asked.user_id = caller or self.caller(authorization, address)
             raw = body if isinstance(body, bytes) else await body()
-            document = parse_json_object(raw)
-            question = self._question(document, user_id, is_admin=user is None)
-            conversation_id = question.conversation_id or "-"
-            if sink is not None and _wants_stream(document, event_stream):
-                streamer = _EventStream(sink)
-                answer = await self._state.dispatcher.ask(question, streamer.piece)
-            else:
-                answer = await self._state.dispatcher.ask(question)
+            reply = await self.respond(
+                parse_json_object(raw), asked, event_stream=event_stream, sink=sink
+            )
             settled = True
         except RelayError as error:
             settled = True
-            if streamer is not None and streamer.started:
-                self.failure(error, user_id, conversation_id)  # logged
-                await streamer.fail(error.message)
-                return None
-            return self.failure(error, user_id, conversation_id)
+            return self.failure(error, asked.user_id, asked.conversation_id)
         finally:
             if not settled:
-                log.debug("client went away, request abandoned: user=%s", user_id)
-        document = {
-            "id": answer.id,
-            "response_id": answer.response_id,
-            "conversation_id": answer.conversation_id,
-            "content": answer.content,
-            "error": "",
-        }
-        if streamer is not None:
-            await streamer.finish(answer.content, document, whole=not answer.streamed)
-            return None
-        return Reply(200, json.dumps(document).encode(), [])
+                log.debug("client went away, request abandoned: user=%s", asked.user_id)
+        return reply
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI application (HTTP scopes only)."""
         if scope["method"] != "POST":
-            body = error_body(f"method {scope['method']} not allowed on /api/ask")
+            error = BadRequest(f"method {scope['method']} not allowed on {self.path}")
+            body = self.error_body(error, 405)
             await _respond(send, Reply(405, body, [(b"allow", b"POST")]))
             return
         client = scope.get("client")
@@ -264,6 +280,38 @@ class AskEndpoint:
         with trio.move_on_after(DISCARD_WAIT), contextlib.suppress(ClientGone, RelayError):
             await self._read_body(receive, declared)
 
+class AskEndpoint(JsonEndpoint):
+    """``POST /api/ask``: the seed's question, answered whole or streamed."""
+
+    path = "/api/ask"
+
+    async def respond(
+        self,
+        document: dict[str, Any],
+        asked: Asked,
+        *,
+        event_stream: bool,
+        sink: StreamSink | None,
+    ) -> Reply | None:
+        question = self._question(document, asked.user_id, is_admin=asked.user is None)
+        asked.conversation_id = question.conversation_id or "-"
+        dispatcher = self._state.dispatcher
+        if sink is None or not _wants_stream(document, event_stream):
+            answer = await dispatcher.ask(question)
+            return Reply(200, json.dumps(_answer_document(answer)).encode(), [])
+        streamer = _EventStream(sink)
+        try:
+            answer = await dispatcher.ask(question, streamer.piece)
+        except RelayError as error:
+            if not streamer.started:
+                raise
+            self.failure(error, asked.user_id, asked.conversation_id)  # logged
+            await streamer.fail(error.message)
+            return None
+        document = _answer_document(answer)
+        await streamer.finish(answer.content, document, whole=not answer.streamed)
+        return None
+
     def _question(self, document: dict[str, object], user_id: str, *, is_admin: bool) -> Question:
         content = document.get("content")
         if not isinstance(content, str) or not content:
@@ -280,6 +328,18 @@ class AskEndpoint:
             is_admin=is_admin,
             model=optional_string(document, "model"),
         )
+
+
+
+
+def _answer_document(answer: Answer) -> dict[str, str]:
+    return {
+        "id": answer.id,
+        "response_id": answer.response_id,
+        "conversation_id": answer.conversation_id,
+        "content": answer.content,
+        "error": "",
+    }
 
 
 async def _respond(send: Send, reply: Reply) -> None:

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Literal
 
 import trio
 
-from relayd.ask import DISCARD_WAIT, AskEndpoint, Caller, ClientGone, Reply
+from relayd.ask import DISCARD_WAIT, Caller, ClientGone, JsonEndpoint, Reply
 from relayd.errors import RelayError
 from relayd.http1 import (
     CONTINUE,
@@ -64,8 +64,9 @@ RECEIVE_SIZE = 2**16
 class AskWire:
     """The :class:`~relayd.hypercorn_fixes.Takeover` for ``/api/ask`` clients."""
 
-    def __init__(self, endpoint: AskEndpoint) -> None:
-        self._endpoint = endpoint
+    def __init__(self, endpoints: Mapping[str, JsonEndpoint]) -> None:
+        self._endpoints = endpoints  # by route (see relayd.http1.REQUEST_LINES)
+        self._endpoint = next(iter(endpoints.values()))  # they share max_body
         self._date = HttpDate()
 
     def wants(self, first_bytes: bytes) -> bool:
@@ -84,7 +85,7 @@ class AskWire:
             return None
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connection served on the wire path: remote=%s", _remote(client))
-        return AskConnection(self._endpoint, stream, client, terms, self._date).run(head)
+        return AskConnection(self._endpoints, stream, client, terms, self._date).run(head)
 
 
 class AskConnection:
@@ -97,6 +98,7 @@ class AskConnection:
         "_date",
         "_drained",
         "_endpoint",
+        "_endpoints",
         "_idle_since",
         "_inbox",
         "_over",
@@ -108,13 +110,17 @@ class AskConnection:
 
     def __init__(
         self,
-        endpoint: AskEndpoint,
+        endpoints: Mapping[str, JsonEndpoint] | JsonEndpoint,
         stream: trio.abc.Stream,
         client: tuple[str, int] | None,
         terms: ServerTerms,
         date: HttpDate,
     ) -> None:
-        self._endpoint = endpoint
+        if not isinstance(endpoints, Mapping):  # one route (the unit tests)
+            endpoints = {"/api/ask": endpoints}
+        self._endpoints: Mapping[str, JsonEndpoint] = endpoints
+        # The route of the request under way (they share max_body and the timeouts).
+        self._endpoint: JsonEndpoint = endpoints["/api/ask"]
         self._stream = stream
         self._client = client
         self._address = client[0] if client else "unix"
@@ -138,6 +144,8 @@ class AskConnection:
     async def _serve(self, nursery: trio.Nursery) -> HandBack | None:
         while not self._over:
             head = await self._next_head()
+            if isinstance(head, AskHead):
+                self._endpoint = self._endpoints[head.path]
             if not isinstance(head, AskHead):
                 if head is None:
                     return None

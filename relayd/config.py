@@ -176,6 +176,7 @@ SCHEMA: Mapping[str, Mapping[str, Key]] = {
         "max_message": Key("size", "1MiB", minimum=1024, maximum=1024**3),
         "reconnect_grace": Key("duration", "30s", minimum=0, maximum=86400),
         "max_agents": Key("int", 20000, minimum=1, maximum=1_000_000),
+        "v1_model": Key("str", None, optional=True),
     },
     "requests": {
         "timeout": Key("duration", "120s", minimum=0.01, maximum=86400),
@@ -229,6 +230,7 @@ class AgentsConfig:
     max_message: int
     reconnect_grace: float
     max_agents: int
+    v1_model: str | None
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from relayd.ask import AskEndpoint
 from relayd.ask_wire import AskWire
 from relayd.config import Config, ConfigError, plural
 from relayd.hypercorn_fixes import Takeover, serve
+from relayd.openai_api import ChatCompletionsEndpoint
 from relayd.protocol import CloseCode
 from relayd.state import RelayState, Snapshot, load_agent_keys
 from relayd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
@@ -129,10 +130,11 @@ class Daemon:
                 binds = self._binds()
                 agents = agent_endpoint(self.state)
                 ask = AskEndpoint(self.state)
-                app = create_asgi_app(self.state, agents, ask)
+                chat = ChatCompletionsEndpoint(self.state)
+                app = create_asgi_app(self.state, agents, ask, chat)
                 hc = hypercorn_config(self.state.config, binds)
-                # Agents' WebSockets and /api/ask clients go on the wire path.
-                takeovers = (agents, AskWire(ask))
+                # Agents' WebSockets, /api/ask and /v1/chat/completions go on the wire path.
+                takeovers = (agents, AskWire({ask.path: ask, chat.path: chat}))
                 bound: list[str] = await root.start(
                     self._serve, app, takeovers, hc, stop_serving, served
                 )

@@ -101,10 +101,16 @@ class Question:
     model: str | None = None  # only agents that serve it (None: any agent)
     messages: tuple[dict[str, Any], ...] | None = None
     params: dict[str, Any] | None = None
+    # A chat a v1 agent may serve too (as ``content``): no model, or agents.v1_model.
+    v1_allowed: bool = False
 
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+    @property
+    def v2_only(self) -> bool:
+        return self.messages is not None and not self.v1_allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,17 +317,17 @@ class Dispatcher:
         waited = 0.0
         for attempt in range(1, limits.max_attempts + 1):
             if attempt > 1 and not self.pool.has_candidate(
-                tried, question.model, v2_only=question.is_chat
+                tried, question.model, v2_only=question.v2_only
             ):
                 break
             started = self._clock()
             session = await self._acquire(
-                None, frozenset(tried), question.model, v2_only=question.is_chat
+                None, frozenset(tried), question.model, v2_only=question.v2_only
             )
             waited += self._clock() - started
             tried.add(session.agent_id)
             try:
-                outcome = await self._call(session, asking.request_for(None))
+                outcome = await self._call(session, asking.request_for(session, None))
             except SessionLost:
                 if asking.pieces:
                     raise StreamBroken(MID_ANSWER_GONE) from None
@@ -355,7 +361,7 @@ class Dispatcher:
         session = await self._acquire(entry.agent_id, frozenset())
         waited = self._clock() - started
         try:
-            outcome = await self._call(session, asking.request_for(entry))
+            outcome = await self._call(session, asking.request_for(session, entry))
         except SessionLost:
             if asking.pieces:
                 raise StreamBroken(MID_ANSWER_GONE) from None
@@ -657,11 +663,14 @@ class _Asking:
             return "requests.timeout passed"
         return "the client went away"
 
-    def request_for(self, conversation: Conversation | None) -> _Sending:
-        """The frame's event for one attempt (fresh ids each time)."""
+    def request_for(
+        self, session: AgentSession, conversation: Conversation | None
+    ) -> _Sending:
+        """The frame's event for one attempt on ``session`` (fresh ids each time).
+        A chat goes to a v1 agent as one ``content`` (the question's)."""
         question = self.question
         request: Request | ChatRequest
-        if question.messages is not None:
+        if question.messages is not None and session.version == 2:
             request = ChatRequest(
                 new_uuid(), question.model or "", question.messages, question.params or {}
             )
@@ -675,7 +684,7 @@ class _Asking:
                 conversation_id=question.conversation_id or "",
                 parent_id=parent,
                 content=question.content,
-                model=question.model,
+                model=None if question.is_chat else question.model,
             )
         on_piece = self._counted if self.on_piece is not None else None
         return _Sending(request, on_piece, self.cancel_reason)

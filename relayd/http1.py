@@ -29,7 +29,9 @@ from relayd.hypercorn_fixes import MAX_HEAD
 
 __all__ = [
     "ASK_REQUEST_LINE",
+    "CHAT_REQUEST_LINE",
     "CONTINUE",
+    "REQUEST_LINES",
     "AskHead",
     "HttpDate",
     "NotSimple",
@@ -41,6 +43,12 @@ __all__ = [
 ]
 
 ASK_REQUEST_LINE = b"POST /api/ask HTTP/1.1\r\n"
+CHAT_REQUEST_LINE = b"POST /v1/chat/completions HTTP/1.1\r\n"
+# The request lines served on the wire path, and the route each one is.
+REQUEST_LINES = {
+    ASK_REQUEST_LINE: "/api/ask",
+    CHAT_REQUEST_LINE: "/v1/chat/completions",
+}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -65,6 +73,7 @@ class AskHead:
     keep_alive: bool  # False when the client sent ``Connection: close``
     expects_continue: bool  # ``Expect: 100-continue``
     event_stream: bool = False  # ``Accept`` names ``text/event-stream``
+    path: str = "/api/ask"  # which of REQUEST_LINES
 
     @property
     def end(self) -> int:
@@ -74,7 +83,21 @@ class AskHead:
 
 def may_be_ask(first_bytes: bytes) -> bool:
     """Whether a connection's first bytes are worth reading the whole head for."""
-    return first_bytes.startswith(ASK_REQUEST_LINE)
+    return first_bytes.startswith(_ALL_LINES)
+
+
+_ALL_LINES = tuple(REQUEST_LINES)
+
+
+def _request_line(buffer: bytes | bytearray) -> bytes | None:
+    """The one of :data:`REQUEST_LINES` that ``buffer`` starts with; None if it may
+    still become one (too short to tell); NotSimple if it cannot."""
+    for line in _ALL_LINES:
+        if buffer.startswith(line):
+            return line
+    if any(line.startswith(bytes(buffer)) for line in _ALL_LINES):
+        return None
+    raise NotSimple
 
 
 def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
@@ -85,9 +108,10 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
     declared body over ``max_body``: Hypercorn's path answers that with its
     401 or 413, in the order the API documents.
     """
-    prefix = len(ASK_REQUEST_LINE)
-    if not buffer.startswith(ASK_REQUEST_LINE[: len(buffer)]):
-        raise NotSimple
+    request_line = _request_line(buffer)
+    if request_line is None:
+        return None
+    prefix = len(request_line)
     end = buffer.find(b"\r\n\r\n", prefix - 2)
     if end < 0:
         if len(buffer) > MAX_HEAD:
@@ -129,7 +153,15 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
             raise NotSimple
     if hosts != 1 or length is None or length > max_body:
         raise NotSimple
-    return AskHead(authorization, end + 4, length, keep_alive, expects_continue, event_stream)
+    return AskHead(
+        authorization,
+        end + 4,
+        length,
+        keep_alive,
+        expects_continue,
+        event_stream,
+        REQUEST_LINES[request_line],
+    )
 
 
 class HttpDate:

@@ -80,6 +80,7 @@ class FakeEndpoint:
     stalled = AskEndpoint.stalled
     late = AskEndpoint.late
     failure = AskEndpoint.failure
+    error_body = AskEndpoint.error_body
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
@@ -407,7 +408,7 @@ async def test_a_request_arriving_during_an_answer_is_handed_back_after_it(
 
 
 def test_wants_the_ask_request_line() -> None:
-    wire = AskWire(cast(AskEndpoint, FakeEndpoint()))
+    wire = AskWire({"/api/ask": cast(AskEndpoint, FakeEndpoint())})
     assert wire.wants(b"POST /api/ask HTTP/1.1\r\nHost: x\r\n")
     assert not wire.wants(b"POST /api/ask")  # the request line is not complete
     assert not wire.wants(HEALTH)
@@ -428,7 +429,7 @@ def test_wants_the_ask_request_line() -> None:
 async def test_claim_leaves_a_request_that_is_not_plain(
     setup: Setup, autojump_clock: trio.testing.MockClock, head: bytes
 ) -> None:
-    wire = AskWire(cast(AskEndpoint, setup.endpoint))
+    wire = AskWire({"/api/ask": cast(AskEndpoint, setup.endpoint)})
     assert wire.claim(head, cast(trio.SocketStream, setup.server), CLIENT, setup.terms()) is None
 
 
@@ -440,7 +441,7 @@ async def test_claim_leaves_a_request_that_is_not_plain(
 async def test_claim_takes_a_plain_request(
     setup: Setup, autojump_clock: trio.testing.MockClock, head: bytes
 ) -> None:
-    wire = AskWire(cast(AskEndpoint, setup.endpoint))
+    wire = AskWire({"/api/ask": cast(AskEndpoint, setup.endpoint)})
     served = wire.claim(head, cast(trio.SocketStream, setup.server), CLIENT, setup.terms())
     assert inspect.iscoroutine(served)
     served.close()
@@ -450,7 +451,7 @@ async def test_claim_takes_a_plain_request(
 async def test_a_claimed_connection_is_served(
     setup: Setup, autojump_clock: trio.testing.MockClock
 ) -> None:
-    wire = AskWire(cast(AskEndpoint, setup.endpoint))
+    wire = AskWire({"/api/ask": cast(AskEndpoint, setup.endpoint)})
     request = ask(b"claimed", extra=b"Connection: close\r\n")
     served = wire.claim(request, cast(trio.SocketStream, setup.server), None, setup.terms())
     assert served is not None

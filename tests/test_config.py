@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "agents.max_message": 1 * MiB,
     "agents.reconnect_grace": 30.0,
     "agents.max_agents": 20000,
+    "agents.v1_model": None,
     "requests.timeout": 120.0,
     "requests.queue_timeout": 30.0,
     "requests.max_queue": 1000,
