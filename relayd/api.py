@@ -254,14 +254,15 @@ def create_app(state: RelayState) -> Quart:
 
 
 async def _store_call(state: RelayState, operation: Any) -> Any:
-    """Run one users-file operation, one at a time in this process.
+    """Run one users-file operation in a worker thread, one at a time here.
 
-    The write is a few milliseconds of blocking I/O (fsync); serialising the
-    daemon's own writers keeps the cross-process file lock uncontended.
+    It takes the file's cross-process lock and fsyncs: a ``relayd users add``
+    in another process holding the lock must not freeze the event loop (every
+    heartbeat and request). Serialising the daemon's own writers keeps the
+    lock uncontended among them.
     """
     async with state.store_lock:
-        await trio.lowlevel.checkpoint()
-        return operation()
+        return await trio.to_thread.run_sync(operation)
 
 
 async def _no_websocket_route(scope: Scope, receive: Receive, send: Send) -> None:

@@ -36,6 +36,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIFramework
 
 from relayd import logs
+from relayd.agents.auth import AgentKeys
 from relayd.api import AsgiApp, agent_endpoint, create_asgi_app
 from relayd.ask import AskEndpoint
 from relayd.ask_wire import AskWire
@@ -45,7 +46,7 @@ from relayd.openai_api import ChatCompletionsEndpoint
 from relayd.protocol import CloseCode
 from relayd.state import RelayState, Snapshot, load_agent_keys
 from relayd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
-from relayd.users import UserStoreError
+from relayd.users import UserStoreError, UserTable
 
 __all__ = ["HARD_STOP_MARGIN", "Daemon", "hypercorn_config", "tune_gc"]
 
@@ -150,7 +151,7 @@ class Daemon:
                 root.start_soon(self.state.dispatcher.heartbeat.run)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        self.reload()
+                        await self.reload()
                         continue
                     log.info("received %s, stopping", signal.Signals(signum).name)
                     self.notifier.stopping()
@@ -209,14 +210,17 @@ class Daemon:
                 self.notifier.status(text)
                 last = text
 
-    def reload(self) -> bool:
-        """SIGHUP: re-read config, users and agent keys; swap them in, or keep the old."""
+    async def reload(self) -> bool:
+        """SIGHUP: re-read config, users and agent keys; swap them in, or keep the old.
+
+        The files are read in a worker thread: a users file locked by a slow
+        ``relayd users add`` in another process must not stall every agent's
+        heartbeat and every request. The swap itself is one step on the loop.
+        """
         self.notifier.reloading()
         old = self.state.config
         try:
-            config = self.reload_config()
-            users = self.state.store.load()
-            keys = load_agent_keys(config)
+            config, users, keys = await trio.to_thread.run_sync(self._read_reloadable)
         except (ConfigError, UserStoreError) as error:
             log.error("reload failed, still running the previous configuration: %s", error)
             self.notifier.ready(f"reload failed: {error}; {self._status()}")
@@ -237,6 +241,10 @@ class Daemon:
         )
         self.notifier.ready(self._status())
         return True
+
+    def _read_reloadable(self) -> tuple[Config, UserTable, AgentKeys]:
+        config = self.reload_config()
+        return config, self.state.store.load(), load_agent_keys(config)
 
     async def _drain(self) -> None:
         dispatcher = self.state.dispatcher
