@@ -533,7 +533,18 @@ async def test_api_connections(relayd: Relayd) -> None:
         "remote",
         "connected_at",
         "conversations",
+        "protocol",
+        "name",
+        "software",
+        "models",
+        "draining",
     }
+    assert (entry["protocol"], entry["name"], entry["models"], entry["draining"]) == (
+        1,
+        "",
+        [],
+        False,
+    )
     assert entry["Ws"] == {}
     assert entry["Id"] == agent.id
     for key in ("Heartbeat", "LastMessageTime", "connected_at"):

@@ -130,9 +130,9 @@ async def test_health_and_unknown_routes(relayd: Relayd) -> None:
         async with httpx.AsyncClient(base_url=relayd.url) as client:
             health = await client.get("/health")
             assert (health.status_code, health.text) == (200, "OK")
-            missing = await client.get("/v1/chat/completions")
+            missing = await client.get("/v2/nothing")
             assert missing.status_code == 404
-            assert missing.json() == {"error": "no route /v1/chat/completions"}
+            assert missing.json() == {"error": "no route /v2/nothing"}
             wrong = await client.get("/api/ask")
             assert wrong.status_code == 405
             assert wrong.json() == {"error": "method GET not allowed on /api/ask"}
