@@ -75,7 +75,7 @@ class AskWire:
     def claim(
         self,
         head: bytes,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         client: tuple[str, int] | None,
         terms: ServerTerms,
     ) -> Awaitable[HandBack | None] | None:

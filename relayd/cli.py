@@ -11,6 +11,7 @@ Forms::
     relayd users add [--name NAME] | list | delete USER_ID
     relayd import-seed-db PATH/auth.db
     relayd bench [--scenario NAME] ...        (see relayd/bench)
+    relayd agent --relay URL (--backend URL | --echo) ...   (see relayd/agent)
     relayd --version
 """
 
@@ -143,6 +144,11 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         help="measure what this machine's relay can carry (relayd bench --help)",
         add_help=False,
     )
+    commands.add_parser(
+        "agent",
+        help="bring an OpenAI-compatible backend online at a relay (relayd agent --help)",
+        add_help=False,
+    )
 
     seed = commands.add_parser(
         "import-seed-db", help="import users and tokens from ChatGPT-API-server's Data/auth.db"
@@ -207,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         from relayd.bench import main as bench_main
 
         sys.exit(bench_main(arguments[1:]))
+    if arguments and arguments[0] == "agent":
+        # The reference agent has its own parser (and loads the openai SDK lazily).
+        from relayd.agent import main as agent_main
+
+        sys.exit(agent_main(arguments[1:]))
     args = _seed_arguments(arguments)
     seed_key: str | None = None
     if args is not None:
@@ -283,6 +294,7 @@ def serve(args: argparse.Namespace, environ: dict[str, str], seed_key: str | Non
     # Imported here so that `relayd users ...` does not pay for Hypercorn and Quart.
     from relayd.daemon import Daemon
     from relayd.systemd import Notifier
+    from relayd.tls import TlsTerms, find_tls_files
 
     config = _load(args, environ)
     logs.setup_logging(config.server.log_level)
@@ -332,8 +344,17 @@ def serve(args: argparse.Namespace, environ: dict[str, str], seed_key: str | Non
             fresh = fresh.replace_server(log_level=args.log_level)
         return fresh
 
+    tls: TlsTerms | None = None
+    try:
+        files = find_tls_files(config, environ)
+        if files is not None:
+            tls = TlsTerms(files)
+            log.info("TLS: certificate from %s: %s", files.source, files.certificate)
+    except ConfigError as error:
+        log.error("%s", error)
+        return EXIT_ERROR
     notifier = Notifier.from_environ(environ, unset_environment=True)
-    daemon = Daemon(state, reload_config, notifier, environ)
+    daemon = Daemon(state, reload_config, notifier, environ, tls=tls)
     try:
         return _run_daemon(daemon)
     except KeyboardInterrupt:

@@ -156,6 +156,8 @@ SCHEMA: Mapping[str, Mapping[str, Key]] = {
         "shutdown_grace": Key("duration", "30s", minimum=0, maximum=3600),
         "idle_timeout": Key("duration", "10s", minimum=0.1, maximum=3600),
         "body_timeout": Key("duration", "60s", minimum=0.1, maximum=3600),
+        "tls_certificate": Key("path", None, optional=True),
+        "tls_key": Key("path", None, optional=True),
     },
     "auth": {
         "admin_key_file": Key("path", None, optional=True),
@@ -206,6 +208,8 @@ class ServerConfig:
     shutdown_grace: float
     idle_timeout: float
     body_timeout: float
+    tls_certificate: Path | None
+    tls_key: Path | None
 
 
 @dataclass(frozen=True)
@@ -399,6 +403,14 @@ def parse_config(document: Mapping[str, Any], *, source: str = "<defaults>") -> 
 
 def _check_relations(config: Config) -> None:
     """Rules that involve more than one key."""
+    server = config.server
+    if (server.tls_certificate is None) != (server.tls_key is None):
+        missing = "server.tls_key" if server.tls_key is None else "server.tls_certificate"
+        raise ConfigError(
+            "expected server.tls_certificate and server.tls_key together",
+            source=config.source,
+            key=missing,
+        )
     agents = config.agents
     if agents.heartbeat_timeout <= agents.heartbeat_interval:
         raise ConfigError(

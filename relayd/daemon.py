@@ -46,6 +46,7 @@ from relayd.openai_api import ChatCompletionsEndpoint
 from relayd.protocol import CloseCode
 from relayd.state import RelayState, Snapshot, load_agent_keys
 from relayd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
+from relayd.tls import TlsTerms, find_tls_files, tls_context
 from relayd.users import UserStoreError, UserTable
 
 __all__ = ["HARD_STOP_MARGIN", "Daemon", "hypercorn_config", "tune_gc"]
@@ -121,6 +122,7 @@ class Daemon:
     reload_config: Callable[[], Config]
     notifier: Notifier
     environ: dict[str, str]
+    tls: TlsTerms | None = None  # serve https and wss with it
     listening: str = ""  # what Hypercorn bound, for STATUS= and the log
 
     async def run(self) -> None:
@@ -181,6 +183,7 @@ class Daemon:
                 hc,
                 shutdown_trigger=stop.wait,
                 takeovers=takeovers,
+                tls=self.tls,
                 task_status=task_status,
             )
         finally:
@@ -225,6 +228,17 @@ class Daemon:
             log.error("reload failed, still running the previous configuration: %s", error)
             self.notifier.ready(f"reload failed: {error}; {self._status()}")
             return False
+        if self.tls is not None:
+            files = find_tls_files(config, self.environ)
+            if files is None:
+                log.warning("TLS was turned off in the config; restart relayd to serve plain HTTP")
+            else:
+                try:
+                    context = await trio.to_thread.run_sync(tls_context, files)
+                except ConfigError as error:
+                    log.error("TLS: %s; still serving the previous certificate", error)
+                else:
+                    self.tls.use(files, context)
         if config.server.listen != old.server.listen:
             log.warning("server.listen changed; restart relayd to apply it")
         if config.server.state_dir != old.server.state_dir:

@@ -83,6 +83,7 @@ from hypercorn.utils import (
 )
 
 from relayd.sync import LeanLock
+from relayd.tls import TlsListener, TlsTerms
 
 __all__ = [
     "MAX_HEAD",
@@ -273,7 +274,7 @@ class Takeover(Protocol):
     def claim(
         self,
         head: bytes,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         client: tuple[str, int] | None,
         terms: ServerTerms,
     ) -> Awaitable[HandBack | None] | None:
@@ -357,9 +358,10 @@ class GuardedTCPServer(TCPServer):
         wanting = [takeover for takeover in self._takeovers if takeover.wants(head)]
         if not wanting:
             return None
-        # Hypercorn types the stream for TLS too; serve() accepts plain sockets only.
-        stream = cast("trio.SocketStream", self.stream)
-        client = parse_socket_addr(stream.socket.family, stream.socket.getpeername())
+        stream: trio.abc.Stream = self.stream
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        socket = cast("trio.SocketStream", transport).socket
+        client = parse_socket_addr(socket.family, socket.getpeername())
         assert self._idle_since is not None  # no request has started yet
         terms = ServerTerms(
             self._writes,
@@ -544,11 +546,15 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
     takeovers: Sequence[Takeover] = (),
+    tls: TlsTerms | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` like ``hypercorn.trio.serve``, with :class:`GuardedTCPServer`.
 
     Connections that one of ``takeovers`` claims are served by it instead of Hypercorn.
+    With ``tls``, every listener speaks TLS with its current context (relayd's
+    own, not Hypercorn's: it can be reloaded, and the takeovers see the
+    decrypted stream).
 
     ``task_status.started(binds)`` once every socket listens; returns after a
     graceful shutdown (``shutdown_trigger`` returned, then up to
@@ -563,13 +569,19 @@ async def serve(
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
             if config.ssl_enabled:
-                raise ValueError("relayd serves plain HTTP; terminate TLS in front of it")
-            listeners = []
+                raise ValueError("TLS is relayd's own (relayd.tls), not Hypercorn's")
+            listeners: list[trio.abc.Listener[Any]] = []
             binds = []
             for sock in _bind_each(config):
                 sock.listen(config.backlog)
-                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                where = repr_socket_addr(sock.family, sock.getsockname())
+                if tls is None:
+                    listeners.append(listener)
+                    binds.append(f"http://{where}")
+                else:
+                    listeners.append(TlsListener(listener, tls))
+                    binds.append(f"https://{where}")
             task_status.started(binds)
             writes = WriteLimits()
             handler = partial(

@@ -170,7 +170,7 @@ class AgentEndpoint:
     def claim(
         self,
         head: bytes,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         client: tuple[str, int] | None,
         terms: ServerTerms,
     ) -> Awaitable[None] | None:
@@ -224,7 +224,7 @@ def _remote(client: tuple[str, int] | None) -> str:
     return f"{client[0]}:{client[1]}" if client else "unix"
 
 
-async def _send_refusal(stream: trio.SocketStream, writes: WriteLimits, refusal: Refusal) -> None:
+async def _send_refusal(stream: trio.abc.Stream, writes: WriteLimits, refusal: Refusal) -> None:
     await writes.send_all(
         stream, refusal_response(refusal.status, refusal.reason, refusal.retry_after)
     )

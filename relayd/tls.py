@@ -1,0 +1,104 @@
+"""TLS on relayd's own listeners: https for clients, wss for agents.
+
+The certificate and key are PEM files (``server.tls_certificate`` and
+``server.tls_key``), or systemd credentials named ``tls_certificate`` and
+``tls_key`` (``LoadCredential=``) when the config names none. TLS 1.2 is the
+oldest version offered; ALPN says ``http/1.1`` (relayd's front speaks
+HTTP/1.1 only).
+
+Renewals need no restart: on SIGHUP the daemon loads the new pair into a
+fresh context (:func:`tls_context`, in a worker thread) and swaps it in with
+:meth:`TlsTerms.use` only if it is good; a broken or mismatched pair leaves
+the old one serving and says why. Connections made
+before a swap keep the context they were made with.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from relayd.config import Config, ConfigError
+
+__all__ = ["TlsFiles", "TlsListener", "TlsTerms", "find_tls_files", "tls_context"]
+
+log = logging.getLogger("relayd.server")
+
+CREDENTIAL_CERTIFICATE = "tls_certificate"
+CREDENTIAL_KEY = "tls_key"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    certificate: Path
+    key: Path
+    source: str  # for the log: "the config" or "systemd credentials"
+
+
+def find_tls_files(config: Config, environ: Mapping[str, str]) -> TlsFiles | None:
+    """The certificate and key to serve with, or None to serve plain HTTP."""
+    server = config.server
+    if server.tls_certificate is not None and server.tls_key is not None:
+        return TlsFiles(server.tls_certificate, server.tls_key, "the config")
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        certificate = Path(credentials) / CREDENTIAL_CERTIFICATE
+        key = Path(credentials) / CREDENTIAL_KEY
+        if certificate.is_file() and key.is_file():
+            return TlsFiles(certificate, key, "systemd credentials")
+    return None
+
+
+def tls_context(files: TlsFiles) -> ssl.SSLContext:
+    """A server context for ``files``; ConfigError naming the file if they do not load."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(files.certificate, files.key)
+    except FileNotFoundError as error:
+        raise ConfigError(
+            "cannot read it: no such file", source=str(error.filename or files.certificate)
+        ) from None
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(
+            f"the certificate and the key {files.key} do not load as a pair (PEM files, "
+            f"the key matching the certificate): {getattr(error, 'reason', None) or error}",
+            source=str(files.certificate),
+        ) from None
+    return context
+
+
+class TlsTerms:
+    """The live TLS context of a server, swapped whole on reload."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self.context = tls_context(files)
+
+    def use(self, files: TlsFiles, context: ssl.SSLContext) -> None:
+        """Serve new connections with ``context`` (made by :func:`tls_context`)."""
+        self.context = context
+        self.files = files
+        log.info("TLS certificate loaded from %s: %s", files.source, files.certificate)
+
+
+class TlsListener(trio.abc.Listener[trio.SSLStream[trio.SocketStream]]):
+    """A socket listener whose connections speak TLS with the terms' current
+    context (trio's SSLListener fixes one context for good)."""
+
+    def __init__(self, transport: trio.SocketListener, terms: TlsTerms) -> None:
+        self.transport_listener = transport
+        self._terms = terms
+
+    async def accept(self) -> trio.SSLStream[trio.SocketStream]:
+        stream = await self.transport_listener.accept()
+        return trio.SSLStream(stream, self._terms.context, server_side=True, https_compatible=True)
+
+    async def aclose(self) -> None:
+        await self.transport_listener.aclose()
