@@ -38,6 +38,7 @@ from relayd.errors import (
     retry_after_header,
 )
 from relayd.openai_api import ChatCompletionsEndpoint, models_listing, openai_error
+from relayd.proxies import TrustedProxies
 from relayd.state import RelayState
 from relayd.users import UserStoreError
 from relayd.web import (
@@ -289,6 +290,20 @@ async def _upgrade_required(send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _forwarded(scope: Scope, proxies: TrustedProxies) -> Scope:
+    """The scope with the client behind a trusted proxy (X-Forwarded-For)."""
+    client = scope.get("client")
+    if not client:
+        return scope
+    forwarded = [value for name, value in scope["headers"] if name == b"x-forwarded-for"]
+    if not forwarded:
+        return scope
+    real = proxies.client(client[0], forwarded)
+    if real == client[0]:
+        return scope
+    return {**scope, "client": (real, 0)}
+
+
 def _has_conflicting_framing(headers: list[tuple[bytes, bytes]]) -> bool:
     """Both ``Transfer-Encoding`` and ``Content-Length``: RFC 9112, 6.3 says the
     request must be rejected or its connection closed after it, since a proxy
@@ -331,7 +346,9 @@ def _origin_form(scope: Scope) -> Scope:
 
 def agent_endpoint(state: RelayState) -> AgentEndpoint:
     """The agents' endpoint; the daemon also hands it to the server loop (wire path)."""
-    return AgentEndpoint(state.dispatcher, lambda: state.agent_keys, state.throttle)
+    return AgentEndpoint(
+        state.dispatcher, lambda: state.agent_keys, state.throttle, lambda: state.proxies
+    )
 
 
 def create_asgi_app(
@@ -356,6 +373,8 @@ def create_asgi_app(
         # on every connection's stack (memory per idle agent is a measured target).
         kind = scope["type"]
         if kind in ("http", "websocket"):
+            if state.proxies:
+                scope = _forwarded(scope, state.proxies)
             if _has_conflicting_framing(scope["headers"]):
                 return _refuse_framing(scope, receive, send)
             if not scope["path"].startswith("/"):

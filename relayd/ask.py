@@ -138,6 +138,12 @@ class JsonEndpoint:
     def late(self) -> RequestTimeout:
         return RequestTimeout(body_late(self.body_deadline))
 
+    def client_address(self, peer: str, forwarded_for: tuple[bytes, ...]) -> str:
+        """The client's address: ``peer``, or the one a trusted proxy forwarded."""
+        if not forwarded_for:
+            return peer
+        return self._state.proxies.client(peer, forwarded_for)
+
     def caller(self, authorization: str | None, address: str) -> Caller:
         """Check the credentials; raises RelayError (401, 429)."""
         return self._gate.user(authorization, address, self.path)

@@ -102,6 +102,7 @@ class AskConnection:
         "_idle_since",
         "_inbox",
         "_over",
+        "_peer",
         "_read_scope",
         "_request_scope",
         "_stream",
@@ -123,7 +124,8 @@ class AskConnection:
         self._endpoint: JsonEndpoint = endpoints["/api/ask"]
         self._stream = stream
         self._client = client
-        self._address = client[0] if client else "unix"
+        self._peer = client[0] if client else "unix"
+        self._address = self._peer  # the request's client (see client_address)
         self._terms = terms
         self._date = date
         self._inbox = bytearray()  # read and not yet served
@@ -146,6 +148,7 @@ class AskConnection:
             head = await self._next_head()
             if isinstance(head, AskHead):
                 self._endpoint = self._endpoints[head.path]
+                self._address = self._endpoint.client_address(self._peer, head.forwarded_for)
             if not isinstance(head, AskHead):
                 if head is None:
                     return None

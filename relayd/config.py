@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relayd.proxies import cidr_problem
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "SCHEMA",
@@ -126,6 +128,14 @@ def _check_listen(values: Any) -> str | None:
     return None
 
 
+def _check_cidrs(values: Any) -> str | None:
+    for value in values:
+        problem = cidr_problem(value)
+        if problem:
+            return problem
+    return None
+
+
 _DIGITS = re.compile(r"[0-9]+\Z")  # str.isdigit() also accepts "³" and "①"
 
 
@@ -158,6 +168,8 @@ SCHEMA: Mapping[str, Mapping[str, Key]] = {
         "body_timeout": Key("duration", "60s", minimum=0.1, maximum=3600),
         "tls_certificate": Key("path", None, optional=True),
         "tls_key": Key("path", None, optional=True),
+        "trusted_proxies": Key("str-list", (), check=_check_cidrs),
+        "proxy_protocol": Key("bool", False),
     },
     "auth": {
         "admin_key_file": Key("path", None, optional=True),
@@ -210,6 +222,8 @@ class ServerConfig:
     body_timeout: float
     tls_certificate: Path | None
     tls_key: Path | None
+    trusted_proxies: tuple[str, ...]
+    proxy_protocol: bool
 
 
 @dataclass(frozen=True)
@@ -404,6 +418,12 @@ def parse_config(document: Mapping[str, Any], *, source: str = "<defaults>") -> 
 def _check_relations(config: Config) -> None:
     """Rules that involve more than one key."""
     server = config.server
+    if server.proxy_protocol and not server.trusted_proxies:
+        raise ConfigError(
+            "expected server.trusted_proxies to name the proxies that send the PROXY header",
+            source=config.source,
+            key="server.proxy_protocol",
+        )
     if (server.tls_certificate is None) != (server.tls_key is None):
         missing = "server.tls_key" if server.tls_key is None else "server.tls_certificate"
         raise ConfigError(

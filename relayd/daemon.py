@@ -44,6 +44,7 @@ from relayd.config import Config, ConfigError, plural
 from relayd.hypercorn_fixes import Takeover, serve
 from relayd.openai_api import ChatCompletionsEndpoint
 from relayd.protocol import CloseCode
+from relayd.proxies import TrustedProxies
 from relayd.state import RelayState, Snapshot, load_agent_keys
 from relayd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
 from relayd.tls import TlsTerms, find_tls_files, tls_context
@@ -184,10 +185,15 @@ class Daemon:
                 shutdown_trigger=stop.wait,
                 takeovers=takeovers,
                 tls=self.tls,
+                proxy_protocol=self._proxy_protocol,
                 task_status=task_status,
             )
         finally:
             served.set()
+
+    def _proxy_protocol(self) -> TrustedProxies | None:
+        """The proxies whose PROXY header names the client, if the protocol is on."""
+        return self.state.proxies if self.state.config.server.proxy_protocol else None
 
     def _binds(self) -> list[str]:
         inherited = listen_fds(self.environ, os.getpid(), unset_environment=True)

@@ -74,6 +74,7 @@ class AskHead:
     expects_continue: bool  # ``Expect: 100-continue``
     event_stream: bool = False  # ``Accept`` names ``text/event-stream``
     path: str = "/api/ask"  # which of REQUEST_LINES
+    forwarded_for: tuple[bytes, ...] = ()  # X-Forwarded-For values, in order
 
     @property
     def end(self) -> int:
@@ -125,6 +126,7 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
     keep_alive = True
     expects_continue = False
     event_stream = False
+    forwarded_for: list[bytes] = []
     for line in bytes(buffer[prefix:end]).split(b"\r\n") if end >= prefix else ():
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
@@ -145,6 +147,8 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
             keep_alive &= b"close" not in (token.strip().lower() for token in value.split(b","))
         elif name == b"accept":
             event_stream |= b"text/event-stream" in value.lower()
+        elif name == b"x-forwarded-for":
+            forwarded_for.append(value)
         elif name == b"expect":
             if value.lower() != b"100-continue":
                 raise NotSimple
@@ -161,6 +165,7 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
         expects_continue,
         event_stream,
         REQUEST_LINES[request_line],
+        tuple(forwarded_for),
     )
 
 

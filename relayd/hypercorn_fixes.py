@@ -82,6 +82,7 @@ from hypercorn.utils import (
     wrap_app,
 )
 
+from relayd.proxies import ProxyProtocolError, TrustedProxies, parse_proxy_header
 from relayd.sync import LeanLock
 from relayd.tls import TlsListener, TlsTerms
 
@@ -291,17 +292,24 @@ class GuardedTCPServer(TCPServer):
     """One connection: errors confined, idle time bounded, writes bounded."""
 
     def __init__(
-        self, *args: Any, writes: WriteLimits, takeovers: Sequence[Takeover] = (), **kwargs: Any
+        self,
+        *args: Any,
+        writes: WriteLimits,
+        takeovers: Sequence[Takeover] = (),
+        proxy_protocol: Callable[[], TrustedProxies | None] = lambda: None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._writes = writes
         self._takeovers = takeovers
+        self._proxy_protocol = proxy_protocol  # the proxies whose PROXY header counts
         # Hypercorn's trio.Lock does the same job for much more memory per agent.
         self.send_lock = LeanLock()  # type: ignore[assignment]
         self._idle_since: float | None = trio.current_time()  # idle until a request starts
         self._read_scope: trio.CancelScope | None = None
         self._first_bytes: bytes | None = None  # read before Hypercorn took the connection
         self._reading = False  # the read loop runs: a close lingers (see _close)
+        self._client: tuple[str, int] | None = None  # named by a PROXY header
         self._linger_until: float | None = None
 
     async def run(self) -> None:
@@ -340,11 +348,17 @@ class GuardedTCPServer(TCPServer):
     async def _read_head(self) -> bytes:
         """The connection's first bytes: its whole request head if a takeover wants it.
 
-        b"" if the peer closed or sent nothing within the idle allowance.
+        A PROXY header from a trusted proxy (``server.proxy_protocol``) is read
+        first and taken off: it names the client for the whole connection.
+        b"" if the peer closed or sent nothing within the idle allowance, or sent
+        a malformed PROXY header.
         """
         data = b""
         with trio.CancelScope(deadline=self._read_deadline()):
             data = await read_some(self.stream, MAX_RECV)
+            proxies = self._proxy_protocol()
+            if proxies is not None and proxies.trusts(self._peer()[0]):
+                data = await self._take_proxy_header(data)
             if any(takeover.wants(data) for takeover in self._takeovers):
                 while b"\r\n\r\n" not in data and len(data) < MAX_HEAD:
                     more = await read_some(self.stream, MAX_RECV)
@@ -353,15 +367,38 @@ class GuardedTCPServer(TCPServer):
                     data += more
         return data
 
+    async def _take_proxy_header(self, data: bytes) -> bytes:
+        """Read the PROXY header that ``data`` starts; the bytes after it."""
+        while True:
+            try:
+                header = parse_proxy_header(data)
+            except ProxyProtocolError as error:
+                log.info("connection closed: %s remote=%s", error, self._peer()[0])
+                return b""
+            if header is not None:
+                if header.client is not None:
+                    self._client = header.client
+                return data[header.length :]
+            more = await read_some(self.stream, MAX_RECV)
+            if not more:
+                return b""
+            data += more
+
+    def _peer(self) -> tuple[str, int]:
+        """The address of the socket's peer (a proxy, perhaps)."""
+        stream: trio.abc.Stream = self.stream
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        socket = cast("trio.SocketStream", transport).socket
+        peer = parse_socket_addr(socket.family, socket.getpeername())
+        return peer if peer is not None else ("unix", 0)
+
     def _claim(self, head: bytes) -> Awaitable[HandBack | None] | None:
         """What serves the connection instead of Hypercorn, if a takeover claims it."""
         wanting = [takeover for takeover in self._takeovers if takeover.wants(head)]
         if not wanting:
             return None
         stream: trio.abc.Stream = self.stream
-        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-        socket = cast("trio.SocketStream", transport).socket
-        client = parse_socket_addr(socket.family, socket.getpeername())
+        client = self._client or self._peer()
         assert self._idle_since is not None  # no request has started yet
         terms = ServerTerms(
             self._writes,
@@ -430,6 +467,8 @@ class GuardedTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         _give_reason_phrases(self.protocol)
+        if self._client is not None:  # named by a PROXY header: Hypercorn's scopes too
+            self.protocol.protocol.client = self._client
         # Hypercorn's loop, with the idle deadline on the read instead of a timer task.
         # Every read here tries the socket first, even after a short read: the
         # body of a request often follows its head in a second segment, and
@@ -547,6 +586,7 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]],
     takeovers: Sequence[Takeover] = (),
     tls: TlsTerms | None = None,
+    proxy_protocol: Callable[[], TrustedProxies | None] = lambda: None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` like ``hypercorn.trio.serve``, with :class:`GuardedTCPServer`.
@@ -592,6 +632,7 @@ async def serve(
                 ConnectionState(lifespan_state.copy()),
                 writes=writes,
                 takeovers=takeovers,
+                proxy_protocol=proxy_protocol,
             )
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:

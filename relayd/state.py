@@ -22,6 +22,7 @@ from relayd.config import Config, read_keys_file
 from relayd.dispatch import Dispatcher
 from relayd.locate import AdminKey
 from relayd.protocol import CloseCode
+from relayd.proxies import TrustedProxies
 from relayd.throttle import FailureThrottle
 from relayd.users import UserStore, UserTable
 
@@ -75,6 +76,7 @@ class RelayState:
     reload_hooks: list[Callable[[Config], None]] = field(default_factory=list)
 
     throttle: FailureThrottle = field(init=False)
+    proxies: TrustedProxies = field(init=False)  # server.trusted_proxies
 
     def __post_init__(self) -> None:
         self.dispatcher = Dispatcher(self.config)
@@ -82,6 +84,7 @@ class RelayState:
             credential
         )
         self.throttle = FailureThrottle(**throttle_settings(self.config))
+        self.proxies = TrustedProxies(self.config.server.trusted_proxies)
 
     def apply(self, snapshot: Snapshot) -> None:
         """Swap in a reloaded snapshot; disconnect agents whose key is gone."""
@@ -92,6 +95,7 @@ class RelayState:
         )
         self.dispatcher.apply_config(snapshot.config)
         self.throttle.configure(**throttle_settings(snapshot.config))
+        self.proxies = TrustedProxies(snapshot.config.server.trusted_proxies)
         for hook in self.reload_hooks:
             hook(snapshot.config)
         for session in self.dispatcher.pool:

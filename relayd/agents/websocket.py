@@ -36,6 +36,7 @@ from relayd.agents.upgrade import (
 from relayd.agents.wire import WireTransport
 from relayd.hypercorn_fixes import ServerTerms, WriteLimits
 from relayd.protocol.v2 import SUBPROTOCOL
+from relayd.proxies import TrustedProxies
 from relayd.throttle import FailureThrottle
 
 __all__ = ["AgentEndpoint", "AsgiTransport", "Refusal", "deny_websocket"]
@@ -129,11 +130,16 @@ class AgentEndpoint:
     """
 
     def __init__(
-        self, host: SessionHost, keys: Callable[[], AgentKeys], throttle: FailureThrottle
+        self,
+        host: SessionHost,
+        keys: Callable[[], AgentKeys],
+        throttle: FailureThrottle,
+        proxies: Callable[[], TrustedProxies] = TrustedProxies,
     ) -> None:
         self._host = host
         self._keys = keys
         self._throttle = throttle
+        self._proxies = proxies  # whose X-Forwarded-For to believe
 
     def check(
         self,
@@ -187,6 +193,11 @@ class AgentEndpoint:
             return _send_refusal(
                 stream, writes, Refusal(400, "data sent before the upgrade was accepted")
             )
+        forwarded = [value for name, value in upgrade.headers if name == b"x-forwarded-for"]
+        if forwarded and client is not None:
+            real = self._proxies().client(client[0], forwarded)
+            if real != client[0]:
+                client = (real, 0)
         verdict = self.check(upgrade.path, upgrade.query, upgrade.headers, client)
         if isinstance(verdict, Refusal):
             return _send_refusal(stream, writes, verdict)
