@@ -189,6 +189,7 @@ SCHEMA: Mapping[str, Mapping[str, Key]] = {
         "max_inflight": Key("int", 1, minimum=1, maximum=1000),
         "max_message": Key("size", "1MiB", minimum=1024, maximum=1024**3),
         "reconnect_grace": Key("duration", "30s", minimum=0, maximum=86400),
+        "startup_grace": Key("duration", "15s", minimum=0, maximum=3600),
         "max_agents": Key("int", 20000, minimum=1, maximum=1_000_000),
         "v1_model": Key("str", None, optional=True),
     },
@@ -247,6 +248,7 @@ class AgentsConfig:
     max_inflight: int
     max_message: int
     reconnect_grace: float
+    startup_grace: float
     max_agents: int
     v1_model: str | None
 

@@ -58,6 +58,9 @@ class Conversations:
         self._per_agent: Counter[str] = Counter()
         self._turns: dict[str, Conversation] = {}  # response id → its conversation
         self.evicted = 0  # dropped by the size limit, for statistics
+        # What changed since journal() was last called (None: gone), when a
+        # state file keeps the table across restarts; None: nobody keeps it.
+        self._changed: dict[str, Conversation | None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -113,6 +116,8 @@ class Conversations:
             self._entries[conversation_id] = entry
             self._per_agent[agent_id] += 1
         problem = self._add_turn(entry, response_id)
+        if self._changed is not None:
+            self._changed[conversation_id] = entry
         while len(self._entries) > self.limit:
             self._pop_oldest()
             self.evicted += 1
@@ -148,10 +153,47 @@ class Conversations:
         return None
 
     def _pop_oldest(self) -> None:
-        _, entry = self._entries.popitem(last=False)
+        conversation_id, entry = self._entries.popitem(last=False)
         for response_id in entry.turns:
             del self._turns[response_id]
         self._decrement(entry.agent_id)
+        if self._changed is not None:
+            self._changed[conversation_id] = None
+
+    # -- persistence (relayd.persist) ----------------------------------------------------
+
+    def keep_journal(self) -> None:
+        """From now on, remember what changes, for :meth:`journal`."""
+        if self._changed is None:
+            self._changed = {}
+
+    def journal(self) -> dict[str, Conversation | None]:
+        """What changed since the last call: the entry as it is now, or None if gone."""
+        changed, self._changed = self._changed or {}, {}
+        return changed
+
+    def restore(
+        self,
+        conversation_id: str,
+        *,
+        agent_id: str,
+        user_id: str,
+        last_response_id: str,
+        turns: tuple[str, ...],
+        last_used: float,
+        now: float,
+    ) -> None:
+        """Put back a conversation kept across a restart (oldest first), unless it
+        has expired meanwhile or clashes with one already known."""
+        if now - last_used > self.ttl or conversation_id in self._entries:
+            return
+        entry = Conversation(agent_id, user_id, last_response_id, last_used, conversation_id)
+        self._entries[conversation_id] = entry
+        self._per_agent[agent_id] += 1
+        for response_id in turns[-TURNS_KEPT:]:
+            self._add_turn(entry, response_id)
+        while len(self._entries) > self.limit:
+            self._pop_oldest()
 
     def _decrement(self, agent_id: str) -> None:
         self._per_agent[agent_id] -= 1

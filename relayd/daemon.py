@@ -27,6 +27,7 @@ import gc
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -43,6 +44,7 @@ from relayd.ask_wire import AskWire
 from relayd.config import Config, ConfigError, plural
 from relayd.hypercorn_fixes import Takeover, serve
 from relayd.openai_api import ChatCompletionsEndpoint
+from relayd.persist import Change, StateFile, conversation_row
 from relayd.protocol import CloseCode
 from relayd.proxies import TrustedProxies
 from relayd.state import RelayState, Snapshot, load_agent_keys
@@ -131,6 +133,8 @@ class Daemon:
             async with trio.open_nursery() as root:
                 stop_serving = trio.Event()
                 served = trio.Event()
+                state_file, agents_before = await self._restore()
+                root.start_soon(state_file.run)
                 binds = self._binds()
                 agents = agent_endpoint(self.state)
                 ask = AskEndpoint(self.state)
@@ -143,6 +147,8 @@ class Daemon:
                     self._serve, app, takeovers, hc, stop_serving, served
                 )
                 self.listening = ", ".join(bound)
+                if agents_before:  # a restart: give them time to come back
+                    self.state.dispatcher.begin_startup_grace()
                 tune_gc()
                 log.info("relayd ready: listening on %s", self.listening)
                 self.notifier.ready(self._status())
@@ -190,6 +196,57 @@ class Daemon:
             )
         finally:
             served.set()
+
+    async def _restore(self) -> tuple[StateFile, bool]:
+        """Read what the last run kept (conversations, agent ids, idempotent
+        answers) and keep journals from now on, for the state file's writer.
+        Also whether agents were known before (then a startup grace applies)."""
+        dispatcher = self.state.dispatcher
+        conversations = dispatcher.conversations
+        state_file = StateFile.in_directory(self.state.state_dir)
+        loaded = await trio.to_thread.run_sync(state_file.open_and_load)
+        offset = time.time() - trio.current_time()  # wall clock minus Trio's
+        now = trio.current_time()
+        for stored in loaded.conversations:
+            conversations.restore(
+                stored.conversation_id,
+                agent_id=stored.agent_id,
+                user_id=stored.user_id,
+                last_response_id=stored.last_response_id,
+                turns=stored.turns,
+                last_used=stored.last_used - offset,
+                now=now,
+            )
+        conversations.keep_journal()
+        dispatcher.keep_identities(loaded.identities)
+        if loaded.conversations or loaded.identities:
+            log.info(
+                "state file %s: %s, %s kept from the last run",
+                state_file.path,
+                plural(len(conversations), "conversation"),
+                plural(len(loaded.identities), "agent id"),
+            )
+
+        def conversation_changes() -> list[Change]:
+            wall = time.time() - trio.current_time()
+            return [
+                ("conversations", (cid,), True)
+                if entry is None
+                else ("conversations", conversation_row(entry, wall), False)
+                for cid, entry in conversations.journal().items()
+            ]
+
+        def identity_changes() -> list[Change]:
+            seen = time.time()
+            return [
+                ("identities", (agent_id,), True)
+                if credential is None
+                else ("identities", (agent_id, credential, seen), False)
+                for agent_id, credential in dispatcher.identity_journal().items()
+            ]
+
+        state_file.sources += [conversation_changes, identity_changes]
+        return state_file, bool(loaded.identities)
 
     def _proxy_protocol(self) -> TrustedProxies | None:
         """The proxies whose PROXY header names the client, if the protocol is on."""

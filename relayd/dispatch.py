@@ -26,6 +26,7 @@ request is handed to it (:meth:`~relayd.agents.session.AgentSession.ask`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -170,6 +171,10 @@ class Dispatcher:
         # Agent id → credential, oldest first; a plain dict (re-inserted on use)
         # costs less per entry than an OrderedDict.
         self._identities: dict[str, str] = {}
+        # Changed identities since identity_journal() (None: forgotten); None:
+        # nobody keeps them across restarts.
+        self._identity_changes: dict[str, str | None] | None = None
+        self._grace_until = -math.inf  # see begin_startup_grace()
         self._agent_arrived = trio.Event()
         self._closing = False
         # Whether an agent credential is still accepted; the state sets it so that
@@ -222,8 +227,14 @@ class Dispatcher:
             self._reclaim(session, hello.connection_id)
         self._identities.pop(session.agent_id, None)
         self._identities[session.agent_id] = session.credential
+        changes = self._identity_changes
+        if changes is not None:
+            changes[session.agent_id] = session.credential
         while len(self._identities) > _REMEMBERED_IDS:
-            del self._identities[next(iter(self._identities))]
+            forgotten = next(iter(self._identities))
+            del self._identities[forgotten]
+            if changes is not None:
+                changes[forgotten] = None
         self.pool.add(session)
         self.heartbeat.watch(session)
         self._agent_arrived.set()
@@ -266,6 +277,32 @@ class Dispatcher:
 
     def draining(self, session: AgentSession) -> None:
         self.pool.set_draining(session)
+
+    # -- restarts ---------------------------------------------------------------------
+
+    def begin_startup_grace(self) -> None:
+        """After a (re)start, agents need a moment to reconnect: for
+        ``agents.startup_grace`` a request that finds no agent for it waits for
+        one (within its deadline), and a conversation waits for its agent."""
+        self._grace_until = trio.current_time() + self.config.agents.startup_grace
+
+    def _grace_left(self) -> float:
+        return max(0.0, self._grace_until - trio.current_time())
+
+    def keep_identities(self, remembered: list[tuple[str, str]]) -> None:
+        """Take the agent ids (and who held them) kept across a restart, oldest
+        first, so that agents can reclaim their ids and conversations; and keep
+        a journal of changes from now on (:meth:`identity_journal`)."""
+        for agent_id, credential in remembered:
+            self._identities.pop(agent_id, None)
+            self._identities[agent_id] = credential
+        while len(self._identities) > _REMEMBERED_IDS:
+            del self._identities[next(iter(self._identities))]
+        self._identity_changes = {}
+
+    def identity_journal(self) -> dict[str, str | None]:
+        changes, self._identity_changes = self._identity_changes or {}, {}
+        return changes
 
     # -- asking ---------------------------------------------------------------------
 
@@ -465,11 +502,16 @@ class Dispatcher:
                     return session
             waiter = _Waiter(next(self._seq), None, exclude, model, v2_only)
             if not len(self.pool):
-                wait = limits.wait_for_agent
+                wait = max(limits.wait_for_agent, self._grace_left())
                 if wait <= 0:
                     raise NoAgent(retry_after=5)
                 return await self._wait(waiter, wait, NoAgent(retry_after=5))
             if not self.pool.has_candidate(exclude, model, v2_only=v2_only):
+                grace = self._grace_left()
+                if grace > 0:  # its agent may not have reconnected yet
+                    return await self._wait(
+                        waiter, grace, self._no_candidate(exclude, model, v2_only)
+                    )
                 raise self._no_candidate(exclude, model, v2_only)
             return await self._wait(waiter, limits.queue_timeout, QueueTimeout(retry_after=5))
         waiter = _Waiter(next(self._seq), target, exclude)
@@ -479,7 +521,7 @@ class Dispatcher:
                 self.pool.take(session)
                 return session
             return await self._wait(waiter, limits.queue_timeout, QueueTimeout(retry_after=5))
-        grace = self.config.agents.reconnect_grace
+        grace = max(self.config.agents.reconnect_grace, self._grace_left())
         return await self._wait(waiter, grace, ConversationAgentGone(retry_after=5))
 
     def _no_candidate(self, exclude: frozenset[str], model: str | None, v2_only: bool) -> Exception:
@@ -663,9 +705,7 @@ class _Asking:
             return "requests.timeout passed"
         return "the client went away"
 
-    def request_for(
-        self, session: AgentSession, conversation: Conversation | None
-    ) -> _Sending:
+    def request_for(self, session: AgentSession, conversation: Conversation | None) -> _Sending:
         """The frame's event for one attempt on ``session`` (fresh ids each time).
         A chat goes to a v1 agent as one ``content`` (the question's)."""
         question = self.question

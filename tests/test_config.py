@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "agents.max_inflight": 1,
     "agents.max_message": 1 * MiB,
     "agents.reconnect_grace": 30.0,
+    "agents.startup_grace": 15.0,
     "agents.max_agents": 20000,
     "agents.v1_model": None,
     "requests.timeout": 120.0,
