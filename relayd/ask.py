@@ -35,9 +35,11 @@ from relayd.errors import (
     PayloadTooLarge,
     RelayError,
     RequestTimeout,
+    Unprocessable,
     body_late,
     retry_after_header,
 )
+from relayd.idempotency import Recorded, body_hash, key_problem
 from relayd.state import RelayState
 from relayd.users import User
 from relayd.web import Gate, error_body, optional_string, parse_json_object, status_of
@@ -177,6 +179,7 @@ class JsonEndpoint:
         caller: Caller | None = None,
         event_stream: bool = False,
         sink: StreamSink | None = None,
+        idempotency_key: str | None = None,
     ) -> Reply | None:
         """Check the credentials (unless ``caller`` says they passed already),
         read ``body`` (bytes, or a reader called once the credentials pass), ask
@@ -185,7 +188,8 @@ class JsonEndpoint:
         A question with ``"stream": true`` (or ``event_stream``: the client's
         ``Accept`` names ``text/event-stream``) is answered through ``sink`` as
         server-sent events, and None is returned once it is; errors before the
-        first byte are still a :class:`Reply` with their status.
+        first byte are still a :class:`Reply` with their status. With an
+        ``idempotency_key``, a retry gets the first answer (relayd.idempotency).
 
         Raises :class:`ClientGone` when the reader finds the client gone.
         """
@@ -194,10 +198,16 @@ class JsonEndpoint:
         settled = False
         try:
             asked.user, asked.user_id = caller or self.caller(authorization, address)
+            if idempotency_key is not None and (problem := key_problem(idempotency_key)):
+                raise BadRequest(problem)
             raw = body if isinstance(body, bytes) else await body()
-            reply = await self.respond(
-                parse_json_object(raw), asked, event_stream=event_stream, sink=sink
-            )
+            document = parse_json_object(raw)
+            if idempotency_key is None:
+                reply = await self.respond(document, asked, event_stream=event_stream, sink=sink)
+            else:
+                reply = await self._once(
+                    idempotency_key, raw, document, asked, event_stream=event_stream, sink=sink
+                )
             settled = True
         except RelayError as error:
             settled = True
@@ -206,6 +216,44 @@ class JsonEndpoint:
             if not settled:
                 log.debug("client went away, request abandoned: user=%s", asked.user_id)
         return reply
+
+    async def _once(
+        self,
+        key: str,
+        raw: bytes,
+        document: dict[str, Any],
+        asked: Asked,
+        *,
+        event_stream: bool,
+        sink: StreamSink | None,
+    ) -> Reply | None:
+        """:meth:`respond`, or the answer an earlier request with ``key`` got."""
+        store = self._state.idempotency
+        digest = body_hash(raw)
+        while True:
+            earlier = store.get(asked.user_id, key, trio.current_time())
+            if earlier is None:
+                break
+            if earlier.body_hash != digest:
+                raise Unprocessable("this Idempotency-Key was used with a different request body")
+            await earlier.done.wait()  # the first request, still running; its deadline
+            if earlier.recorded is not None:
+                log.info("answer replayed for Idempotency-Key: user=%s", asked.user_id)
+                return await _replay(earlier.recorded, sink)
+            # The first one failed or was abandoned: this one runs the question.
+        entry = store.start(asked.user_id, key, digest, trio.current_time())
+        recording = _RecordingSink(sink) if sink is not None else None
+        recorded: Recorded | None = None
+        try:
+            reply = await self.respond(document, asked, event_stream=event_stream, sink=recording)
+            if reply is None:
+                if recording is not None and recording.complete:
+                    recorded = Recorded(200, (), bytes(recording.data), streamed=True)
+            elif reply.status == 200:
+                recorded = Recorded(200, tuple(reply.headers), reply.body, streamed=False)
+            return reply
+        finally:
+            store.finish(entry, recorded)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI application (HTTP scopes only)."""
@@ -218,6 +266,7 @@ class JsonEndpoint:
         authorization = None
         declared: int | None = None
         event_stream = False
+        idempotency_key: str | None = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
@@ -225,6 +274,8 @@ class JsonEndpoint:
                 declared = int(value)
             elif name == b"accept":
                 event_stream |= accepts_event_stream(value)
+            elif name == b"idempotency-key":
+                idempotency_key = value.decode("latin-1")
         body_wanted = False
 
         def read_body() -> Awaitable[bytes]:
@@ -239,6 +290,7 @@ class JsonEndpoint:
                 read_body,
                 event_stream=event_stream,
                 sink=_AsgiSink(send),
+                idempotency_key=idempotency_key,
             )
         except ClientGone:
             return
@@ -285,6 +337,7 @@ class JsonEndpoint:
             return
         with trio.move_on_after(DISCARD_WAIT), contextlib.suppress(ClientGone, RelayError):
             await self._read_body(receive, declared)
+
 
 class AskEndpoint(JsonEndpoint):
     """``POST /api/ask``: the seed's question, answered whole or streamed."""
@@ -334,8 +387,6 @@ class AskEndpoint(JsonEndpoint):
             is_admin=is_admin,
             model=optional_string(document, "model"),
         )
-
-
 
 
 def _answer_document(answer: Answer) -> dict[str, str]:
@@ -453,3 +504,37 @@ class _AsgiSink:
 
     async def end(self) -> None:
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _RecordingSink:
+    """A sink that keeps what it passes on, for Idempotency-Key replays."""
+
+    __slots__ = ("_sink", "complete", "data")
+
+    def __init__(self, sink: StreamSink) -> None:
+        self._sink = sink
+        self.data = bytearray()
+        self.complete = False  # end() was reached: the stream is whole
+
+    async def start(self) -> bool:
+        return await self._sink.start()
+
+    async def write(self, data: bytes) -> bool:
+        self.data += data
+        return await self._sink.write(data)
+
+    async def end(self) -> None:
+        self.complete = True
+        await self._sink.end()
+
+
+async def _replay(recorded: Recorded, sink: StreamSink | None) -> Reply | None:
+    """The answer a first request got, again."""
+    if not recorded.streamed:
+        return Reply(recorded.status, recorded.body, list(recorded.headers))
+    if sink is None:
+        raise BadRequest("this Idempotency-Key's answer was streamed")
+    if not await sink.start() or not await sink.write(recorded.body):
+        raise ClientGone()
+    await sink.end()
+    return None

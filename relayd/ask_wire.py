@@ -260,6 +260,7 @@ class AskConnection:
                     caller=caller,
                     event_stream=head.event_stream,
                     sink=sink,
+                    idempotency_key=head.idempotency_key,
                 )
             except ClientGone:
                 sink.ok = False

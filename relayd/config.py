@@ -201,6 +201,8 @@ SCHEMA: Mapping[str, Mapping[str, Key]] = {
         "wait_for_agent": Key("duration", "0s", minimum=0, maximum=86400),
         "max_content": Key("size", "256KiB", minimum=1, maximum=1024**3),
         "max_response": Key("size", "1MiB", minimum=1024, maximum=1024**3),
+        "idempotency_ttl": Key("duration", "24h", minimum=1, maximum=30 * 86400),
+        "idempotency_max": Key("int", 10000, minimum=1, maximum=10_000_000),
     },
     "conversations": {
         "ttl": Key("duration", "24h", minimum=1, maximum=365 * 86400),
@@ -262,6 +264,8 @@ class RequestsConfig:
     wait_for_agent: float
     max_content: int
     max_response: int
+    idempotency_ttl: float
+    idempotency_max: int
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,9 @@ from relayd.ask import AskEndpoint
 from relayd.ask_wire import AskWire
 from relayd.config import Config, ConfigError, plural
 from relayd.hypercorn_fixes import Takeover, serve
+from relayd.idempotency import Recorded
 from relayd.openai_api import ChatCompletionsEndpoint
-from relayd.persist import Change, StateFile, conversation_row
+from relayd.persist import Change, StateFile, StoredAnswer, answer_row, conversation_row
 from relayd.protocol import CloseCode
 from relayd.proxies import TrustedProxies
 from relayd.state import RelayState, Snapshot, load_agent_keys
@@ -219,6 +220,20 @@ class Daemon:
             )
         conversations.keep_journal()
         dispatcher.keep_identities(loaded.identities)
+        answers = self.state.idempotency
+        for answer in loaded.answers:
+            recorded = Recorded(
+                abs(answer.status), answer.headers, answer.body, streamed=answer.status < 0
+            )
+            answers.restore(
+                answer.user_id,
+                answer.key,
+                answer.body_hash,
+                recorded,
+                answer.created - offset,
+                now,
+            )
+        answers.keep_journal()
         if loaded.conversations or loaded.identities:
             log.info(
                 "state file %s: %s, %s kept from the last run",
@@ -245,7 +260,28 @@ class Daemon:
                 for agent_id, credential in dispatcher.identity_journal().items()
             ]
 
-        state_file.sources += [conversation_changes, identity_changes]
+        def answer_changes() -> list[Change]:
+            wall = time.time() - trio.current_time()
+            changes: list[Change] = []
+            for (user_id, key), entry in answers.journal().items():
+                if entry is None or entry.recorded is None:
+                    changes.append(("idempotency", (user_id, key), True))
+                    continue
+                recorded = entry.recorded
+                stored = StoredAnswer(
+                    user_id,
+                    key,
+                    entry.body_hash,
+                    # A streamed answer is kept with its status negated.
+                    -recorded.status if recorded.streamed else recorded.status,
+                    recorded.body,
+                    recorded.headers,
+                    entry.created + wall,
+                )
+                changes.append(("idempotency", answer_row(stored), False))
+            return changes
+
+        state_file.sources += [conversation_changes, identity_changes, answer_changes]
         return state_file, bool(loaded.identities)
 
     def _proxy_protocol(self) -> TrustedProxies | None:

@@ -28,6 +28,7 @@ __all__ = [
     "Unauthorized",
     "UnknownConversation",
     "UnknownModel",
+    "Unprocessable",
     "body_late",
     "retry_after_header",
 ]
@@ -79,6 +80,10 @@ class Forbidden(RelayError):
 
 class NotFound(RelayError):
     default_message = "not found"
+
+
+class Unprocessable(RelayError):
+    default_message = "the request cannot be processed"
 
 
 class UnknownConversation(NotFound):

@@ -75,6 +75,7 @@ class AskHead:
     event_stream: bool = False  # ``Accept`` names ``text/event-stream``
     path: str = "/api/ask"  # which of REQUEST_LINES
     forwarded_for: tuple[bytes, ...] = ()  # X-Forwarded-For values, in order
+    idempotency_key: str | None = None  # the last Idempotency-Key header
 
     @property
     def end(self) -> int:
@@ -127,6 +128,7 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
     expects_continue = False
     event_stream = False
     forwarded_for: list[bytes] = []
+    idempotency_key: str | None = None
     for line in bytes(buffer[prefix:end]).split(b"\r\n") if end >= prefix else ():
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
@@ -149,6 +151,8 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
             event_stream |= b"text/event-stream" in value.lower()
         elif name == b"x-forwarded-for":
             forwarded_for.append(value)
+        elif name == b"idempotency-key":
+            idempotency_key = value.decode("latin-1")
         elif name == b"expect":
             if value.lower() != b"100-continue":
                 raise NotSimple
@@ -166,6 +170,7 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
         event_stream,
         REQUEST_LINES[request_line],
         tuple(forwarded_for),
+        idempotency_key,
     )
 
 

@@ -68,6 +68,7 @@ _ERROR_TYPES = {
     405: "invalid_request_error",
     408: "timeout_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
     502: "server_error",
     503: "server_error",

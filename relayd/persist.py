@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["FLUSH_INTERVAL", "Loaded", "StateFile", "StoredConversation"]
+__all__ = ["FLUSH_INTERVAL", "Change", "Loaded", "StateFile", "StoredAnswer", "StoredConversation"]
 
 log = logging.getLogger("relayd.persist")
 

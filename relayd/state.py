@@ -20,6 +20,7 @@ import trio
 from relayd.agents.auth import AgentKeys
 from relayd.config import Config, read_keys_file
 from relayd.dispatch import Dispatcher
+from relayd.idempotency import IdempotencyStore
 from relayd.locate import AdminKey
 from relayd.protocol import CloseCode
 from relayd.proxies import TrustedProxies
@@ -77,6 +78,7 @@ class RelayState:
 
     throttle: FailureThrottle = field(init=False)
     proxies: TrustedProxies = field(init=False)  # server.trusted_proxies
+    idempotency: IdempotencyStore = field(init=False)  # Idempotency-Key answers
 
     def __post_init__(self) -> None:
         self.dispatcher = Dispatcher(self.config)
@@ -85,6 +87,10 @@ class RelayState:
         )
         self.throttle = FailureThrottle(**throttle_settings(self.config))
         self.proxies = TrustedProxies(self.config.server.trusted_proxies)
+        requests = self.config.requests
+        self.idempotency = IdempotencyStore(
+            ttl=requests.idempotency_ttl, limit=requests.idempotency_max
+        )
 
     def apply(self, snapshot: Snapshot) -> None:
         """Swap in a reloaded snapshot; disconnect agents whose key is gone."""
@@ -96,6 +102,10 @@ class RelayState:
         self.dispatcher.apply_config(snapshot.config)
         self.throttle.configure(**throttle_settings(snapshot.config))
         self.proxies = TrustedProxies(snapshot.config.server.trusted_proxies)
+        self.idempotency.configure(
+            ttl=snapshot.config.requests.idempotency_ttl,
+            limit=snapshot.config.requests.idempotency_max,
+        )
         for hook in self.reload_hooks:
             hook(snapshot.config)
         for session in self.dispatcher.pool:

@@ -33,6 +33,7 @@ from relayd.errors import (
     ShuttingDown,
     StreamBroken,
     Unauthorized,
+    Unprocessable,
 )
 from relayd.jsontext import may_hold_surrogate, unencodable_string
 from relayd.state import RelayState
@@ -59,6 +60,7 @@ STATUS: dict[type[RelayError], int] = {
     NotFound: 404,
     RequestTimeout: 408,
     PayloadTooLarge: 413,
+    Unprocessable: 422,
     RateLimited: 429,
     AgentFailed: 502,
     StreamBroken: 502,

@@ -90,6 +90,9 @@ class FakeEndpoint:
         self.called = trio.Event()  # set, and replaced, at every call
         self.checked: list[str | None] = []  # the credentials caller() saw
 
+    def client_address(self, peer: str, forwarded_for: tuple[bytes, ...]) -> str:
+        return peer  # no trusted proxies here
+
     def caller(self, authorization: str | None, address: str) -> Caller:
         self.checked.append(authorization)
         if authorization == "bad":
@@ -105,6 +108,7 @@ class FakeEndpoint:
         caller: Caller | None = None,
         event_stream: bool = False,
         sink: object = None,
+        idempotency_key: str | None = None,
     ) -> Reply:
         assert isinstance(body, bytes)  # the wire path reads the body first
         index = len(self.calls)

@@ -76,6 +76,8 @@ DEFAULTS: dict[str, Any] = {
     "requests.wait_for_agent": 0.0,
     "requests.max_content": 256 * KiB,
     "requests.max_response": 1024 * KiB,
+    "requests.idempotency_ttl": 24 * 3600.0,
+    "requests.idempotency_max": 10000,
     "conversations.ttl": 24 * 3600.0,
     "conversations.max": 100000,
 }
