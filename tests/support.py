@@ -12,6 +12,7 @@ Every wait here is bounded: a relayd that does not come up within
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,6 +92,20 @@ def relayd_command() -> list[str]:
     return [sys.executable, "-m", "relayd"]
 
 
+def console_script() -> str:
+    """The ``relayd`` console script installed with the interpreter running the tests (the
+    venv's ``bin/``, wherever that venv is), else the first one on ``PATH``."""
+    sibling = Path(sys.executable).parent / "relayd"
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return str(sibling)
+    found = shutil.which("relayd")
+    assert found is not None, (
+        f"no relayd console script beside {sys.executable} or on PATH: "
+        "install the project into this environment first (pip install -e '.[test]')"
+    )
+    return found
+
+
 def service_environment() -> dict[str, str]:
     """This process's environment without anything that configures relayd or speaks for a
     service manager (``RELAYD_*``, ``NOTIFY_SOCKET``, ``LISTEN_*``, ...)."""
@@ -110,6 +125,7 @@ def start_relayd(
     admin_key: str | None = ADMIN_KEY,
     wait_ready: bool = True,
     log_path: Path | None = None,
+    listener: socket.socket | None = None,
 ) -> Relayd:
     """Start ``relayd serve`` on a fresh loopback socket; wait for READY=1 (unless not
     ``wait_ready``). Its stdout and stderr are appended to ``log_path`` (a fresh file by
@@ -117,10 +133,12 @@ def start_relayd(
     state_dir = tmp_path / "state"
     if log_path is None:
         log_path = tmp_path / f"relayd-{time.monotonic_ns()}.log"
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
+    held = listener is not None
+    if listener is None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
     port = listener.getsockname()[1]
     notify_path = tmp_path / f"notify-{time.monotonic_ns()}.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -149,7 +167,8 @@ def start_relayd(
             env=environment,
             pass_fds=(listener.fileno(),),
         )
-    listener.close()
+    if not held:  # else the caller keeps the socket, as systemd does, for the next relayd
+        listener.close()
     relayd = Relayd(process, port, state_dir, log_path, notify, admin_key or "")
     if wait_ready:
         try:
