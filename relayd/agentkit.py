@@ -296,6 +296,7 @@ class V2Agent:
         self._scopes: dict[str, trio.CancelScope] = {}
         self._draining = False
         self._idle = trio.Event()
+        self._welcomes = 0  # how many connections got as far as the welcome
 
     # -- control ------------------------------------------------------------------------
 
@@ -327,12 +328,17 @@ class V2Agent:
         started = False
         while not self._draining:
             wait = 0.0
+            welcomed = self._welcomes
             try:
                 goodbye = await self._connect_once(task_status if not started else None)
                 started = started or self.agent_id is not None
-                failures = 0
                 if goodbye is not None:
                     wait = goodbye.reconnect_after
+                    failures = 0
+                elif self._welcomes > welcomed:
+                    failures = 0  # it was serving: reconnect at once
+                else:
+                    failures += 1  # accepted, then closed before the welcome: back off
             except (OSError, HandshakeError, ConnectionClosed, DisconnectionTimeout) as error:
                 failures += 1
                 log.info("relay unreachable (%s); retrying", type(error).__name__)
@@ -373,6 +379,7 @@ class V2Agent:
                     while True:
                         event = connection.receive_text(str(await ws.get_message()))
                         if isinstance(event, Welcome):
+                            self._welcomes += 1
                             self.agent_id = self.stats.agent_id = event.agent_id
                             if task_status is not None:
                                 task_status.started(event.agent_id)

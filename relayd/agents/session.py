@@ -293,6 +293,7 @@ class AgentSession:
         "_protocol_errors",
         "_scope",
         "_transport",
+        "_unsent",
         "agent_id",
         "capacity",
         "connected_at",
@@ -335,6 +336,7 @@ class AgentSession:
         self.name = ""  # v2: what the agent calls itself, and its software's version
         self.software = ""
         self.draining = False  # v2: the agent takes no new work
+        self._unsent: list[Awaitable[None]] = []  # frames _handle could not finish
         self.capacity = host.agents_config().max_inflight
         self.inflight = 0  # maintained by the pool
         now = time.time()
@@ -578,6 +580,8 @@ class AgentSession:
                     self.last_message_at = time.time()
                     if not self._handle(message):
                         ended = self._close_reason
+                    while self._unsent:
+                        await self._unsent.pop(0)
             if ended is None:
                 ended = self._close_reason or "closed by relayd"
             reason = ended
@@ -727,6 +731,7 @@ class AgentSession:
                     retryable=False,
                 )
             )
+            self._cancel_now(call, "the answer grew past agents.max_message")
         elif call.pending_size > self._host.requests_config().max_response:
             log.warning(
                 "client reads too slowly, request cancelled: %s request=%s "
@@ -734,7 +739,26 @@ class AgentSession:
                 self,
                 delta.request_id[:8],
             )
-            call._resolve(SlowReader("the client read the answer more slowly than it came"))
+            reason = "the client read the answer more slowly than it came"
+            call._resolve(SlowReader(reason))
+            # At once, from here: the asker may be stuck writing to its client.
+            self._cancel_now(call, reason)
+
+    def _cancel_now(self, call: Call, reason: str) -> None:
+        """:meth:`_cancel` from the session's own task, which cannot wait here: a
+        frame the socket does not take at once is finished by :meth:`run`."""
+        request_id = call.request.request_id
+        if not isinstance(self.protocol, RelayConnectionV2):
+            return
+        if request_id not in self.protocol.outstanding or self._calls.get(request_id) is not call:
+            return
+        frame = self.protocol.send(Cancel(request_id, reason))
+        del self._calls[request_id]
+        self._host.slot_freed(self)
+        log.info("request cancelled: %s request=%s reason=%s", self, request_id[:8], reason)
+        rest = self._transport.send_nowait(frame)
+        if rest is not None:
+            self._unsent.append(rest)
 
     def _update(self, update: Update) -> None:
         if update.models is not None and update.models != self.models:
