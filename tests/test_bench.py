@@ -499,7 +499,12 @@ def test_smoke_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
         "pool-1000",
         "idle-10000",
         "wide-dispatch",
+        "stream-32",
     }
+    for name in ("bare-stream-32", "stream-32"):  # (tests/test_bench_stream.py has more)
+        assert scenarios[name]["error_count"] == 0, name
+        assert scenarios[name]["deltas_per_s"] > 0, name
+    assert scenarios["stream-32"]["ratio"] is not None
 
 
 def test_smoke_one_scenario_alone_with_a_request_count(

@@ -6,7 +6,10 @@ Modules: :mod:`~relayd.bench.run` (command line), :mod:`~relayd.bench.scenarios`
 :mod:`~relayd.bench.procs` (the servers it starts, /proc figures),
 :mod:`~relayd.bench.stats` (percentiles and ratios), :mod:`~relayd.bench.report`
 (table, JSON, targets) and :mod:`~relayd.bench.baseline` (the bare ASGI server
-the relay is compared with).
+the relay is compared with); for streamed answers (stream-32)
+:mod:`~relayd.bench.stream` (lean v2 agents, the event-stream client, figures
+per delta), :mod:`~relayd.bench.frames` (their WebSocket frames) and
+:mod:`~relayd.bench.bareloop` (the bare forwarding loop it is compared with).
 
 Importing this package is cheap: the bench itself is loaded by :func:`main`.
 """

@@ -264,10 +264,7 @@ class LoadPhase:
         settings = self.settings
         duration = settings.duration if duration is None else duration
         for load in loads:
-            load.clients = [
-                HttpClient(load.target.host, load.target.port, headers=load.target.client_headers())
-                for _ in range(load.result.clients)
-            ]
+            load.clients = [self.new_client(load.target) for _ in range(load.result.clients)]
             load.left = duration
         window = duration if len(loads) == 1 else TURN
         # Stopped agents are silent: stop them only for well under relayd's
@@ -287,7 +284,7 @@ class LoadPhase:
                     # the first-request costs of the server are not measured.
                     async with trio.open_nursery() as nursery:
                         for client in load.clients:
-                            nursery.start_soon(_warm_up, client)
+                            nursery.start_soon(self.warm_up, client)
             with GcWatch() as watch:
                 while turns := [load for load in loads if not self._finished(load)]:
                     for load in turns:
@@ -308,7 +305,7 @@ class LoadPhase:
                     for client in load.clients:
                         await client.aclose()
         for load in loads:
-            self._fill(load)
+            self.fill(load)
 
     def _finished(self, load: Load) -> bool:
         budget = self.settings.requests
@@ -335,7 +332,25 @@ class LoadPhase:
         recorder.end_window()
         load.left -= length
 
-    def _fill(self, load: Load) -> None:
+    # -- what a kind of load changes (relayd.bench.stream.StreamPhase) -------------------
+
+    def new_client(self, target: Target) -> HttpClient:
+        """One client of a unit, not connected yet."""
+        return HttpClient(target.host, target.port, headers=target.client_headers())
+
+    async def warm_up(self, client: HttpClient) -> None:
+        """One answered request before the clock starts."""
+        await _warm_up(client)
+
+    def load_line(self, result: ScenarioResult, recorder: LoadRecorder) -> str:
+        """The figures of the progress line."""
+        per_second = rate(recorder.ok, recorder.elapsed) or 0.0
+        return (
+            f"{result.clients} clients  {recorder.ok} ok  {recorder.failed} errors  "
+            f"{per_second:.0f} req/s"
+        )
+
+    def fill(self, load: Load) -> None:
         """Fill in ``load``'s result from everything its windows saw."""
         result, recorder, target = load.result, load.recorder, load.target
         unfinished = recorder.sent - recorder.ok - recorder.failed
@@ -416,11 +431,9 @@ class LoadPhase:
         started = trio.current_time()
         while True:
             so_far = done + trio.current_time() - started
-            per_second = rate(recorder.ok, recorder.elapsed) or 0.0
             self.progress(
                 f"{result.name}: {min(so_far, duration):.1f}/{duration:g}s "
-                f"{result.clients} clients  {recorder.ok} ok  {recorder.failed} errors  "
-                f"{per_second:.0f} req/s"
+                + self.load_line(result, recorder)
             )
             await trio.sleep(PROGRESS_INTERVAL)
 

@@ -88,4 +88,15 @@ class ScenarioResult:
     heartbeat_s: float | None = None
     cpu_percent: float | None = None
     cpu_percent_at_15s: float | None = None
+    # Streamed answers (stream-32 and its bare loop): deltas per answer, deltas
+    # received by the clients, per second of the windows, their added latency
+    # (client's receive time minus the agent's send time), CPU per delta.
+    deltas_per_answer: int | None = None
+    deltas: int = 0
+    deltas_per_s: float | None = None
+    delta_latency: dict[str, float | int | None] = field(
+        default_factory=lambda: Distribution.of([]).as_ms()
+    )
+    server_cpu_us_per_delta: float | None = None
+    bench_cpu_us_per_delta: float | None = None
     notes: list[str] = field(default_factory=list)

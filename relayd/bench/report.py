@@ -7,6 +7,8 @@ relay-1/-32    ≥ 60 % of the baseline's req/s at the same client count; 0 erro
 pool-1000      ≥ 95 % of the agent-bound limit (agents * capacity / delay); 0 errors
 idle-10000     ≤ 25 KiB RSS per idle agent; heartbeat CPU ≤ 5 % of a core at 15 s
 wide-dispatch  ≥ 90 % of relay-32's req/s
+stream-32      ≥ 50 % of bare-stream-32's deltas/s; ≥ 20,000 deltas/s (relayd is
+               on one CPU); added latency per delta p99 ≤ 5 ms; 0 errors
 =============  ===========================================================
 """
 
@@ -25,6 +27,9 @@ __all__ = ["Check", "Progress", "build_report", "evaluate", "format_table"]
 
 RSS_PER_AGENT_TARGET = 25 * 1024
 HEARTBEAT_CPU_TARGET = 5.0
+STREAM_SHARE_TARGET = 50.0  # % of the bare loop's deltas/s
+STREAM_RATE_TARGET = 20_000.0  # deltas/s
+STREAM_P99_TARGET_MS = 5.0
 
 
 class Progress:
@@ -137,6 +142,44 @@ def evaluate(results: dict[str, ScenarioResult]) -> list[Check]:
                 share is not None and share >= 90,
             )
         )
+    stream = results.get("stream-32")
+    if stream is not None:
+        share = None if stream.ratio is None else stream.ratio * 100
+        checks.append(
+            _check(
+                "stream-32",
+                f"deltas/s vs {stream.reference or 'bare-stream-32'}",
+                share,
+                "%",
+                "≥ 50 %",
+                share is not None and share >= STREAM_SHARE_TARGET,
+            )
+        )
+        rate = stream.deltas_per_s
+        checks.append(
+            _check(
+                "stream-32",
+                "deltas/s",
+                rate,
+                "/s",
+                "≥ 20,000/s",
+                rate is not None and rate >= STREAM_RATE_TARGET,
+            )
+        )
+        p99 = stream.delta_latency["p99_ms"]
+        checks.append(
+            _check(
+                "stream-32",
+                "added latency p99",
+                p99,
+                "ms",
+                "≤ 5 ms",
+                p99 is not None and p99 <= STREAM_P99_TARGET_MS,
+            )
+        )
+        checks.append(
+            _check("stream-32", "errors", stream.error_count, "", "0", stream.error_count == 0)
+        )
     return checks
 
 
@@ -229,6 +272,54 @@ def _cpu_line(result: dict[str, Any]) -> str:
     return ", ".join(parts) + (f" in {seconds:.1f}s" if seconds else "")
 
 
+def _stream_table(scenarios: dict[str, dict[str, Any]]) -> list[str]:
+    """The table of the units whose answers are streamed (figures per delta)."""
+    rows = [
+        [
+            "scenario",
+            "streams",
+            "agents",
+            "deltas/s",
+            "ratio",
+            "answers/s",
+            "errors",
+            "added p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "srv CPU µs/delta",
+            "bench CPU µs/delta",
+            "srv peak RSS",
+        ]
+    ]
+    for name, result in scenarios.items():
+        latency = result["delta_latency"]
+        errors = (
+            ", ".join(f"{status}:{n}" for status, n in result["errors"].items())
+            if result["errors"]
+            else "0"
+        )
+        rows.append(
+            [
+                name,
+                str(result["clients"]),
+                str(result["agents"]),
+                _number(result["deltas_per_s"]),
+                "-" if result["ratio"] is None else f"{result['ratio'] * 100:.0f}%",
+                _number(result["req_per_s"]),
+                errors,
+                _ms(latency["p50_ms"]),
+                _ms(latency["p90_ms"]),
+                _ms(latency["p99_ms"]),
+                _ms(latency["max_ms"]),
+                _number(result["server_cpu_us_per_delta"], 1),
+                _number(result["bench_cpu_us_per_delta"], 1),
+                _size(result["server_peak_rss_bytes"]),
+            ]
+        )
+    return _columns(rows, right=set(range(1, 14)) - {6})
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The human-readable report."""
     environment = report["environment"]
@@ -270,7 +361,10 @@ def format_table(report: dict[str, Any]) -> str:
         ]
     ]
     scenarios: dict[str, dict[str, Any]] = report["scenarios"]
+    streaming = [name for name, result in scenarios.items() if result["deltas_per_answer"]]
     for name, result in scenarios.items():
+        if name in streaming:
+            continue
         latency, queue = result["latency"], result["queue_wait"]
         agents = str(result["agents"]) if result["agents"] else "-"
         if result["idle_agents"]:
@@ -300,7 +394,12 @@ def format_table(report: dict[str, Any]) -> str:
                 "-" if result["agents_connected"] is None else str(result["agents_connected"]),
             ]
         )
-    lines += _columns(rows, right=set(range(1, 15)) - {5})
+    if len(rows) > 1:
+        lines += _columns(rows, right=set(range(1, 15)) - {5})
+    if streaming:
+        if len(rows) > 1:
+            lines.append("")
+        lines += _stream_table({name: scenarios[name] for name in streaming})
     details = []
     for name, result in scenarios.items():
         if result["limit_req_per_s"] is not None:
@@ -341,4 +440,9 @@ def format_table(report: dict[str, Any]) -> str:
         "request reaching a simulated agent (parsing, auth, dispatch queue, WebSocket hop).",
         "srv: the server process (relayd or the baseline); bench: clients + simulated agents.",
     ]
+    if streaming:
+        lines += [
+            "deltas/s: deltas the clients received per second of the windows. added latency: a",
+            "delta's receive time at the client minus its send time at the agent (one clock).",
+        ]
     return "\n".join(lines)

@@ -79,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--clients",
         type=_positive(int),
         metavar="N",
-        help="HTTP clients for every load scenario (default 1, 32 or 2000)",
+        help="HTTP clients for every load scenario (default 1, 32 or 2000; stream-32: 32 streams)",
     )
     parser.add_argument(
         "--agents",
         type=_positive(int),
         metavar="N",
-        help="answering agents (default 8; pool-1000: 1000)",
+        help="answering agents (default 8; pool-1000: 1000; stream-32: one per client)",
     )
     parser.add_argument(
         "--idle-agents",

@@ -22,6 +22,11 @@ The units:
 * ``wide-dispatch``: relay-32 with 10,000 more agents connected whose every
   slot is taken (see :meth:`Bench.occupy`). Those agents run in a child
   process (:mod:`relayd.bench.sinks` says why).
+* ``stream-32``: 32 clients asking for streamed answers (server-sent events)
+  of 256 deltas from 32 lean v2 agents that send as fast as they can
+  (:mod:`relayd.bench.stream`); figures per delta.
+* ``bare-stream-32``: the same against a bare forwarding loop
+  (:mod:`relayd.bench.bareloop`), stream-32's ceiling.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from relayd.bench.model import REFERENCE_HEARTBEAT, ScenarioResult, Settings
 from relayd.bench.procs import UNPINNED, CpuPlan, OpenFilesLimit
 from relayd.bench.servers import Servers, Target, count_agents
 from relayd.bench.sinks import BusyAgents, busy_agents
+from relayd.bench.stream import StreamFleet, StreamPhase, StreamRecorder
 
 __all__ = [
     "SCENARIOS",
@@ -61,6 +67,8 @@ UNITS = (
     "baseline-32",
     "relay-1",
     "relay-32",
+    "bare-stream-32",
+    "stream-32",
     "pool-1000",
     "idle-10000",
     "wide-dispatch",
@@ -72,14 +80,27 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "pool-1000": ("pool-1000",),
     "idle-10000": ("idle-10000",),
     "wide-dispatch": ("baseline-32", "relay-32", "wide-dispatch"),
+    "stream-32": ("bare-stream-32", "stream-32"),
     "all": UNITS,
 }
 # Units measured together (their loads take turns), so that their ratios hold
 # on a machine whose speed changes under them. The busiest unit goes last: its
 # servers start while the others sit idle.
-TOGETHER = (("baseline-1", "relay-1"), ("baseline-32", "relay-32", "wide-dispatch"))
+TOGETHER = (
+    ("baseline-1", "relay-1"),
+    ("baseline-32", "relay-32", "wide-dispatch"),
+    ("bare-stream-32", "stream-32"),
+)
 # A unit's reference: what its ratio is measured against.
-REFERENCES = {"relay-1": "baseline-1", "relay-32": "baseline-32", "wide-dispatch": "relay-32"}
+# (Streamed answers: deltas/s against deltas/s.)
+REFERENCES = {
+    "relay-1": "baseline-1",
+    "relay-32": "baseline-32",
+    "wide-dispatch": "relay-32",
+    "stream-32": "bare-stream-32",
+}
+# Units whose clients ask for streamed answers (loaded by StreamPhase).
+STREAMING = frozenset({"bare-stream-32", "stream-32"})
 
 # Open connections at once while handing out hold requests (wide-dispatch).
 HOLD_CONCURRENCY = 64
@@ -127,6 +148,7 @@ class Bench:
     def __post_init__(self) -> None:
         self.servers = Servers(self.settings, self.workdir, self.cpus)
         self.loader = LoadPhase(self.settings, self.tracker, self.numbers, self.progress)
+        self.stream_loader = StreamPhase(self.settings, self.tracker, self.numbers, self.progress)
 
     async def run(self, units: list[str]) -> dict[str, ScenarioResult]:
         """Run ``units``, each batch together (see :func:`batches`); fill in the ratios."""
@@ -136,6 +158,8 @@ class Bench:
             "relay-1": lambda: self.relay("relay-1", 1),
             "relay-32": lambda: self.relay("relay-32", 32),
             "wide-dispatch": lambda: self.relay("wide-dispatch", 32, busy=True),
+            "bare-stream-32": lambda: self.stream("bare-stream-32", 32, bare=True),
+            "stream-32": lambda: self.stream("stream-32", 32),
         }
         alone: dict[str, Callable[[], Awaitable[ScenarioResult]]] = {
             "pool-1000": self.pool,
@@ -148,7 +172,8 @@ class Bench:
                 continue
             async with contextlib.AsyncExitStack() as stack:
                 loads = [await stack.enter_async_context(loaded[unit]()) for unit in batch]
-                await self.loader.run_in_turns(loads)
+                loader = self.stream_loader if batch[0] in STREAMING else self.loader
+                await loader.run_in_turns(loads)
             for load in loads:
                 result = results[load.result.name] = load.result
                 others = [unit for unit in batch if unit != result.name]
@@ -162,9 +187,12 @@ class Bench:
             reference = REFERENCES.get(unit)
             if reference is not None and reference in results:
                 result.reference = reference
-                base = results[reference].req_per_s
-                if result.req_per_s is not None and base:
-                    result.ratio = result.req_per_s / base
+                if unit in STREAMING:
+                    value, base = result.deltas_per_s, results[reference].deltas_per_s
+                else:
+                    value, base = result.req_per_s, results[reference].req_per_s
+                if value is not None and base:
+                    result.ratio = value / base
         return self.results
 
     # -- counts and the open-files limit ---------------------------------------------
@@ -250,6 +278,46 @@ class Bench:
             yield Load(result, target, tracked=True, helpers=helpers)
             await self.census(result, target)
             agents.cancel_scope.cancel()
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, name: str, default_clients: int, *, bare: bool = False
+    ) -> AsyncIterator[Load]:
+        """stream-32 (relayd) or bare-stream-32 (the bare loop): the server with its
+        lean v2 agents connected, one per client, ready for the load."""
+        settings = self.settings
+        result = ScenarioResult(
+            name,
+            (
+                "streamed answers through a bare forwarding loop (the ceiling of stream-32)"
+                if bare
+                else "streamed answers (server-sent events) from v2 agents behind relayd"
+            ),
+            server="bareloop" if bare else ("external" if settings.url else "relayd"),
+        )
+        clients = settings.scaled(default_clients, settings.clients)
+        # One agent per client unless --agents says otherwise.
+        agents = clients if settings.agents is None else settings.scaled(0, settings.agents)
+        wanted = {"clients": clients, "agents": agents}
+        counts = self.fit(result, wanted)
+        result.clients, result.agents = counts["clients"], counts["agents"]
+        result.capacity = 1
+        async with contextlib.AsyncExitStack() as stack:
+            target = await stack.enter_async_context(
+                self.servers.bare_loop(name)
+                if bare
+                else self.servers.relayd(name, clients=result.clients)
+            )
+            running = await stack.enter_async_context(trio.open_nursery())
+            fleet = StreamFleet(target.host, target.port, self.agent_headers())
+            await fleet.start(running, result.agents, on_progress=self.connecting(result, "agents"))
+            self.note_failures(result, fleet.failed, result.agents, fleet.failures, "agents")
+            yield Load(result, target, tracked=False, recorder=StreamRecorder())
+            if bare:
+                result.agents_connected = fleet.connected
+            else:
+                await self.census(result, target)
+            running.cancel_scope.cancel()
 
     async def pool(self) -> ScenarioResult:
         settings = self.settings

@@ -107,6 +107,19 @@ class Servers:
             with trio.CancelScope(shield=True):
                 await server.stop()
 
+    @asynccontextmanager
+    async def bare_loop(self, name: str) -> AsyncIterator[Target]:
+        """stream-32's ceiling, :mod:`relayd.bench.bareloop`: agents and clients alike."""
+        workdir = self.workdir / name
+        workdir.mkdir()
+        arguments = ["relayd.bench.bareloop", "--listen", "fd://{fd}"]
+        server = await start_server(name, arguments, workdir, cpus=self.cpus)
+        try:
+            yield Target("127.0.0.1", server.port, "bench", None, server)
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.stop()
+
 
 def external_target(url: str, key: str | None) -> Target:
     """The ``--url`` relay. Raises ValueError for a URL the bench cannot use."""
