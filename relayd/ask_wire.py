@@ -189,7 +189,13 @@ class AskConnection:
                 return bytes(self._inbox)
             if head is not None:
                 return head
-            data = await self._read(self._idle_since + self._terms.keep_alive_timeout)
+            life = self._terms.life
+            if not self._inbox:  # nothing of a next request yet: SIGTERM may close it
+                life.idle(self._end_idle_read)
+            try:
+                data = await self._read(self._idle_since + self._terms.keep_alive_timeout)
+            finally:
+                life.busy(self._end_idle_read)
             if not data:
                 return None
             self._inbox += data
@@ -289,6 +295,12 @@ class AskConnection:
             self._read_scope.deadline = self._idle_since + self._terms.keep_alive_timeout
         if self._answered is not None:
             self._answered.set()
+
+    def _end_idle_read(self) -> None:
+        """At SIGTERM: with no request under way or arriving, the connection ends."""
+        if not self._inbox and self._request_scope is None and self._read_scope is not None:
+            self._over = True
+            self._read_scope.cancel()
 
     def _response(self, reply: Reply, *, close: bool) -> bytes:
         date = self._date.now()

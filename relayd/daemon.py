@@ -133,6 +133,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as root:
                 stop_serving = trio.Event()
+                stop_accepting = trio.Event()
                 served = trio.Event()
                 state_file, agents_before = await self._restore()
                 root.start_soon(state_file.run)
@@ -145,7 +146,7 @@ class Daemon:
                 # Agents' WebSockets, /api/ask and /v1/chat/completions go on the wire path.
                 takeovers = (agents, AskWire({ask.path: ask, chat.path: chat}))
                 bound: list[str] = await root.start(
-                    self._serve, app, takeovers, hc, stop_serving, served
+                    self._serve, app, takeovers, hc, stop_serving, stop_accepting, served
                 )
                 self.listening = ", ".join(bound)
                 if agents_before:  # a restart: give them time to come back
@@ -166,7 +167,7 @@ class Daemon:
                     log.info("received %s, stopping", signal.Signals(signum).name)
                     self.notifier.stopping()
                     root.start_soon(self._hard_stop_timer, signals)
-                    await self._drain()
+                    await self._drain(stop_accepting)
                     stop_serving.set()
                     break
                 await served.wait()
@@ -179,6 +180,7 @@ class Daemon:
         takeovers: Sequence[Takeover],
         hc: HypercornConfig,
         stop: trio.Event,
+        stop_accepting: trio.Event,
         served: trio.Event,
         *,
         task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
@@ -190,6 +192,7 @@ class Daemon:
                 framework,
                 hc,
                 shutdown_trigger=stop.wait,
+                stop_accepting=stop_accepting.wait,
                 takeovers=takeovers,
                 tls=self.tls,
                 proxy_protocol=self._proxy_protocol,
@@ -359,12 +362,17 @@ class Daemon:
         config = self.reload_config()
         return config, self.state.store.load(), load_agent_keys(config)
 
-    async def _drain(self) -> None:
+    async def _drain(self, stop_accepting: trio.Event) -> None:
+        """SIGTERM: stop accepting connections (under socket activation they wait
+        in the kernel for the next relayd), answer what is under way and queued
+        within ``server.shutdown_grace``, then say goodbye to the agents."""
         dispatcher = self.state.dispatcher
         grace = self.state.config.server.shutdown_grace
-        dispatcher.close()
+        stop_accepting.set()
+        dispatcher.drain()
         with trio.move_on_after(grace):
             await dispatcher.wait_idle()
+        dispatcher.close()
         left = dispatcher.abort_all()
         if left:
             log.warning("shutdown grace over: %d requests answered with 503", left)

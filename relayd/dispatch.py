@@ -175,6 +175,7 @@ class Dispatcher:
         # nobody keeps them across restarts.
         self._identity_changes: dict[str, str | None] | None = None
         self._grace_until = -math.inf  # see begin_startup_grace()
+        self._draining_relay = False  # see drain()
         self._agent_arrived = trio.Event()
         self._closing = False
         # Whether an agent credential is still accepted; the state sets it so that
@@ -207,7 +208,7 @@ class Dispatcher:
 
     def admit(self, session: AgentSession, hello: Hello) -> None:
         """Register a session; let it reclaim an earlier id if it proves it may."""
-        if self._closing:
+        if self._closing or self._draining_relay:
             raise AdmissionRefused("relayd is shutting down", CloseCode.GOING_AWAY)
         if not self.credential_valid(session.credential):
             raise AdmissionRefused("agent key revoked", CloseCode.POLICY_VIOLATION)
@@ -627,6 +628,12 @@ class Dispatcher:
         return best
 
     # -- shutdown ---------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """The first step of a shutdown: admit no new agent (they would be closed
+        in a moment), but go on answering: requests under way and queued ones
+        are served by the agents still here, within the shutdown grace."""
+        self._draining_relay = True
 
     def close(self) -> None:
         """Refuse new questions and wake every waiter with ShuttingDown."""

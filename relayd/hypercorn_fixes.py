@@ -59,7 +59,7 @@ import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
 from typing import Any, Protocol, cast
@@ -91,6 +91,7 @@ __all__ = [
     "WRITE_TIMEOUT",
     "GuardedTCPServer",
     "HandBack",
+    "Lifecycle",
     "ServerTerms",
     "Takeover",
     "WriteLimits",
@@ -238,6 +239,37 @@ class WriteLimits:
         return True
 
 
+class Lifecycle:
+    """One server's shutdown as its connections see it.
+
+    :meth:`stop_accepting` (at SIGTERM) makes ``stopping`` true: every
+    connection answers its request under way with ``Connection: close``, and a
+    connection that is idle now (between requests) is closed at once, so that
+    its client's next request goes to the next relayd (the listening socket
+    outlives the process under socket activation). Requests already under way
+    carry on.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._idle: set[Callable[[], None]] = set()  # how to close each idle connection
+
+    def stop_accepting(self) -> None:
+        self.stopping = True
+        for close in list(self._idle):
+            close()
+
+    def idle(self, close: Callable[[], None]) -> None:
+        """A connection is idle; ``close`` ends its wait (now, if stopping)."""
+        if self.stopping:
+            close()
+        else:
+            self._idle.add(close)
+
+    def busy(self, close: Callable[[], None]) -> None:
+        self._idle.discard(close)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerTerms:
     """What a connection a :class:`Takeover` serves must keep to, as Hypercorn's do."""
@@ -248,6 +280,7 @@ class ServerTerms:
     # When the connection became idle (it opened): the head that the takeover was
     # handed must be complete by idle_since + keep_alive_timeout, not later.
     idle_since: float
+    life: Lifecycle = field(default_factory=Lifecycle)  # idle connections close at SIGTERM
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,9 +330,11 @@ class GuardedTCPServer(TCPServer):
         writes: WriteLimits,
         takeovers: Sequence[Takeover] = (),
         proxy_protocol: Callable[[], TrustedProxies | None] = lambda: None,
+        life: Lifecycle | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._life = life if life is not None else Lifecycle()
         self._writes = writes
         self._takeovers = takeovers
         self._proxy_protocol = proxy_protocol  # the proxies whose PROXY header counts
@@ -354,8 +389,12 @@ class GuardedTCPServer(TCPServer):
         a malformed PROXY header.
         """
         data = b""
-        with trio.CancelScope(deadline=self._read_deadline()):
-            data = await read_some(self.stream, MAX_RECV)
+        with trio.CancelScope(deadline=self._read_deadline()) as scope:
+            self._life.idle(scope.cancel)  # nothing asked yet: close it at SIGTERM
+            try:
+                data = await read_some(self.stream, MAX_RECV)
+            finally:
+                self._life.busy(scope.cancel)
             proxies = self._proxy_protocol()
             if proxies is not None and proxies.trusts(self._peer()[0]):
                 data = await self._take_proxy_header(data)
@@ -400,11 +439,13 @@ class GuardedTCPServer(TCPServer):
         stream: trio.abc.Stream = self.stream
         client = self._client or self._peer()
         assert self._idle_since is not None  # no request has started yet
+        life = self._life
         terms = ServerTerms(
             self._writes,
             self.config.keep_alive_timeout,
-            self.context.terminated.is_set,
+            lambda: life.stopping or self.context.terminated.is_set(),
             self._idle_since,
+            life,
         )
         for takeover in wanting:
             served = takeover.claim(head, stream, client, terms)
@@ -437,6 +478,11 @@ class GuardedTCPServer(TCPServer):
                 await self.protocol.handle(Closed())
             return
         await super().protocol_send(event)
+
+    def _end_idle_read(self) -> None:
+        """At SIGTERM: a connection with no request under way closes now."""
+        if self._idle_since is not None and self._read_scope is not None:
+            self._read_scope.cancel()
 
     def _read_deadline(self) -> float:
         if self._linger_until is not None:
@@ -484,10 +530,12 @@ class GuardedTCPServer(TCPServer):
                 else:
                     with trio.CancelScope(deadline=self._read_deadline()) as scope:
                         self._read_scope = scope
+                        self._life.idle(self._end_idle_read)
                         try:
                             data = await read_some(self.stream, MAX_RECV)
                         finally:
                             self._read_scope = None
+                            self._life.busy(self._end_idle_read)
                     if scope.cancelled_caught:
                         break  # idle for keep_alive_timeout, or lingered long enough
                 if self._linger_until is not None:  # closing: drop what still comes
@@ -584,6 +632,7 @@ async def serve(
     config: Config,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    stop_accepting: Callable[[], Awaitable[None]] | None = None,
     takeovers: Sequence[Takeover] = (),
     tls: TlsTerms | None = None,
     proxy_protocol: Callable[[], TrustedProxies | None] = lambda: None,
@@ -597,9 +646,13 @@ async def serve(
     decrypted stream).
 
     ``task_status.started(binds)`` once every socket listens; returns after a
-    graceful shutdown (``shutdown_trigger`` returned, then up to
-    ``config.graceful_timeout`` for open connections).
+    graceful shutdown: when ``stop_accepting`` returns (``shutdown_trigger``
+    when None), no new connection is accepted and idle ones close
+    (:class:`Lifecycle`); when ``shutdown_trigger`` returns, open connections
+    get up to ``config.graceful_timeout`` more.
     """
+    if stop_accepting is None:
+        stop_accepting = shutdown_trigger
     wrapped: AppWrapper = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -624,6 +677,7 @@ async def serve(
                     binds.append(f"https://{where}")
             task_status.started(binds)
             writes = WriteLimits()
+            life = Lifecycle()
             handler = partial(
                 GuardedTCPServer,
                 wrapped,
@@ -633,9 +687,18 @@ async def serve(
                 writes=writes,
                 takeovers=takeovers,
                 proxy_protocol=proxy_protocol,
+                life=life,
             )
+            accepting_stopped = trio.Event()
+
+            async def stop_when_told() -> None:
+                await stop_accepting()
+                accepting_stopped.set()
+                raise ShutdownError()
+
             try:
                 async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                    nursery.start_soon(stop_when_told)
                     nursery.start_soon(raise_shutdown, shutdown_trigger)
                     nursery.start_soon(raise_shutdown, context.terminate.wait)
                     nursery.start_soon(
@@ -649,6 +712,13 @@ async def serve(
                 if others is not None:
                     raise others from None
             finally:
+                # No new connections from here (they wait in the listening socket's
+                # backlog for the next relayd); idle ones close, busy ones close
+                # after the answer under way.
+                life.stop_accepting()
+                if accepting_stopped.is_set():  # the connections' grace starts later
+                    with trio.CancelScope(shield=True):
+                        await shutdown_trigger()
                 await context.terminated.set()
                 graceful_end = trio.current_time() + config.graceful_timeout
                 server_nursery.cancel_scope.deadline = graceful_end

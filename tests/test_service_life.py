@@ -484,10 +484,13 @@ async def test_sigterm_drains_in_flight_requests_then_exits_zero(
             relayd.signal(signal.SIGTERM)
             await notification(relayd, "STOPPING=1")
 
-            late = await ask(client, ADMIN_KEY, "during the drain")
+            # A new connection during the drain is not accepted: under socket
+            # activation it waits in the socket for the next relayd (see
+            # tests/test_restart.py); here nobody else holds the socket.
+            async with client_for(relayd) as late_client:
+                with pytest.raises(httpx.TransportError):
+                    await ask(late_client, ADMIN_KEY, "during the drain")
             assert not in_flight, "the drain was already over: the test proves nothing"
-            assert late.status_code == 503, late.text
-            assert int(late.headers["Retry-After"]) >= 1
 
             await gone(agent, relayd)
             assert in_flight and in_flight[0].status_code == 200, in_flight
