@@ -1,8 +1,9 @@
 """Hypercorn's trio worker, with the fixes relayd needs to face the internet.
 
 Everything here reaches into Hypercorn internals (``TCPServer``, ``Lifespan``,
-``WorkerContext``), so the Hypercorn version range is pinned in
-pyproject.toml and each fix has a regression test (tests/test_hostile.py).
+``WorkerContext``), so Hypercorn is pinned exactly in pyproject.toml, every
+private name relied on is checked by tests/test_hypercorn_contract.py, and
+each fix has a regression test (tests/test_hostile.py).
 :func:`serve` replaces ``hypercorn.trio.serve`` for plain-TCP and Unix
 listeners (relayd does not terminate TLS itself). What it fixes:
 
