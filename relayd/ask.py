@@ -123,6 +123,21 @@ class JsonEndpoint:
         byte of a stream; after it, ends the stream with an error itself."""
         raise NotImplementedError
 
+    async def ask_streaming(
+        self, question: Question, stream: AnswerStream, asked: Asked
+    ) -> Answer | None:
+        """Ask with the answer's pieces going to ``stream``: the answer, or None
+        if it failed after the stream began (then the stream ended with the
+        error, which is logged). Before that, a failure is raised as usual."""
+        try:
+            return await self._state.dispatcher.ask(question, stream.piece)
+        except RelayError as error:
+            if not stream.started:
+                raise
+            self.failure(error, asked.user_id, asked.conversation_id)  # logged
+            await stream.fail(error)
+            return None
+
     @property
     def max_body(self) -> int:
         return self._state.config.server.max_body
@@ -354,21 +369,14 @@ class AskEndpoint(JsonEndpoint):
     ) -> Reply | None:
         question = self._question(document, asked.user_id, is_admin=asked.user is None)
         asked.conversation_id = question.conversation_id or "-"
-        dispatcher = self._state.dispatcher
         if sink is None or not _wants_stream(document, event_stream):
-            answer = await dispatcher.ask(question)
+            answer = await self._state.dispatcher.ask(question)
             return Reply(200, json.dumps(_answer_document(answer)).encode(), [])
         streamer = _EventStream(sink)
-        try:
-            answer = await dispatcher.ask(question, streamer.piece)
-        except RelayError as error:
-            if not streamer.started:
-                raise
-            self.failure(error, asked.user_id, asked.conversation_id)  # logged
-            await streamer.fail(error.message)
-            return None
-        document = _answer_document(answer)
-        await streamer.finish(answer.content, document, whole=not answer.streamed)
+        streamed = await self.ask_streaming(question, streamer, asked)
+        if streamed is not None:
+            document = _answer_document(streamed)
+            await streamer.finish(streamed.content, document, whole=not streamed.streamed)
         return None
 
     def _question(self, document: dict[str, object], user_id: str, *, is_admin: bool) -> Question:
@@ -440,10 +448,11 @@ def sse_event(kind: str, document: object) -> bytes:
     return b"event: " + kind.encode("ascii") + b"\ndata: " + json.dumps(document).encode() + b"\n\n"
 
 
-class _EventStream:
-    """An ``/api/ask`` answer as server-sent events: ``delta`` for each piece,
-    then ``done`` (the non-streaming answer's JSON) or ``error``. The head goes
-    out with the first piece, so that an error before it keeps its status."""
+class AnswerStream:
+    """An answer streamed through a :class:`StreamSink`: the head goes out with
+    the first piece, so that an error before it keeps its status. Subclasses
+    say how a piece, the end and an error look (:mod:`relayd.ask`'s events,
+    OpenAI's chunks)."""
 
     __slots__ = ("_sink", "started")
 
@@ -451,30 +460,56 @@ class _EventStream:
         self._sink = sink
         self.started = False
 
-    async def _send(self, data: bytes) -> None:
+    def opening(self) -> bytes:
+        """What goes out before the first piece (nothing, by default)."""
+        return b""
+
+    def piece_bytes(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def error_bytes(self, error: RelayError) -> bytes:
+        raise NotImplementedError
+
+    async def send(self, data: bytes) -> None:
         if not self.started:
             self.started = True
             if not await self._sink.start():
                 raise ClientGone()
+            data = self.opening() + data
         if not await self._sink.write(data):
             raise ClientGone()
 
     async def piece(self, text: str) -> None:
-        await self._send(sse_event("delta", {"content": text}))
+        await self.send(self.piece_bytes(text))
+
+    async def end(self, closing: bytes) -> None:
+        await self.send(closing)
+        await self._sink.end()
+
+    async def fail(self, error: RelayError) -> None:
+        """End a stream that has begun with an error (never a silent cut)."""
+        with contextlib.suppress(ClientGone):
+            await self.end(self.error_bytes(error))
+
+
+class _EventStream(AnswerStream):
+    """An ``/api/ask`` answer as server-sent events: ``delta`` for each piece,
+    then ``done`` (the non-streaming answer's JSON) or ``error``."""
+
+    __slots__ = ()
+
+    def piece_bytes(self, text: str) -> bytes:
+        return sse_event("delta", {"content": text})
+
+    def error_bytes(self, error: RelayError) -> bytes:
+        return sse_event("error", {"error": error.message})
 
     async def finish(self, content: str, document: dict[str, str], *, whole: bool) -> None:
         """The ``done`` event; ``whole``: the answer came in one piece (a v1 agent's),
         which goes out as one ``delta`` first."""
         if whole:
             await self.piece(content)
-        await self._send(sse_event("done", document))
-        await self._sink.end()
-
-    async def fail(self, message: str) -> None:
-        """End a stream that has begun with an ``error`` event (never a silent cut)."""
-        with contextlib.suppress(ClientGone):
-            await self._send(sse_event("error", {"error": message}))
-            await self._sink.end()
+        await self.end(sse_event("done", document))
 
 
 _EVENT_STREAM_HEADERS = [

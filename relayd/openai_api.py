@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from relayd.ask import Asked, ClientGone, JsonEndpoint, Reply, StreamSink
+from relayd.ask import AnswerStream, Asked, JsonEndpoint, Reply, StreamSink
 from relayd.dispatch import Answer, Question, new_uuid
 from relayd.errors import BadRequest, PayloadTooLarge, RelayError, UnknownModel
 from relayd.web import status_of
@@ -174,9 +174,14 @@ def _messages(document: dict[str, Any], max_content: int) -> tuple[dict[str, Any
 
 def _parameters(document: dict[str, Any]) -> dict[str, Any]:
     for name, feature in _UNSUPPORTED.items():
-        if document.get(name) not in (None, False, [], {}):
+        value = document.get(name)
+        if name == "modalities" and value == ["text"]:
+            continue  # text output only: what relayd gives
+        if value not in (None, False, [], {}):
             raise _Invalid(f"{feature} is not supported by relayd", name)
-    n = document.get("n", 1)
+    n = document.get("n")
+    if n is None:  # OpenAI's null: not given
+        n = 1
     if n != 1 or isinstance(n, bool):
         raise _Invalid("only n = 1 is supported", "n")
     response_format = document.get("response_format")
@@ -229,7 +234,9 @@ class ChatCompletionsEndpoint(JsonEndpoint):
             raise _Invalid("model must be a non-empty string", "model")
         messages = _messages(document, config.requests.max_content)
         params = _parameters(document)
-        stream = document.get("stream", False)
+        stream = document.get("stream")
+        if stream is None:  # OpenAI's null: not given
+            stream = False
         if not isinstance(stream, bool):
             raise _Invalid("stream must be true or false", "stream")
         options = document.get("stream_options") or {}
@@ -247,20 +254,13 @@ class ChatCompletionsEndpoint(JsonEndpoint):
             v1_allowed=model is None or model == v1_model,
         )
         completion = _Completion(model or v1_model or "relayd")
-        dispatcher = self._state.dispatcher
-        if sink is None or not (stream or (event_stream and "stream" not in document)):
-            answer = await dispatcher.ask(question)
+        if sink is None or not (stream or (event_stream and document.get("stream") is None)):
+            answer = await self._state.dispatcher.ask(question)
             return Reply(200, json.dumps(completion.whole(answer)).encode(), [])
-        chunks = _ChunkStream(sink, completion)
-        try:
-            answer = await dispatcher.ask(question, chunks.piece)
-        except RelayError as error:
-            if not chunks.started:
-                raise
-            self.failure(error, asked.user_id)  # logged
-            await chunks.fail(error, self.error_body)
-            return None
-        await chunks.finish(answer, include_usage)
+        chunks = _ChunkStream(sink, completion, self.error_body)
+        streamed = await self.ask_streaming(question, chunks, asked)
+        if streamed is not None:
+            await chunks.finish(streamed, include_usage)
         return None
 
 
@@ -322,52 +322,45 @@ def _data(document: object) -> bytes:
     return b"data: " + json.dumps(document).encode() + b"\n\n"
 
 
-class _ChunkStream:
-    """A completion as OpenAI's server-sent chunks, the head sent with the first."""
+class _ChunkStream(AnswerStream):
+    """A completion as OpenAI's server-sent chunks (the role first, then
+    content deltas, the finish reason, usage, ``[DONE]``), or an error event."""
 
-    __slots__ = ("_completion", "_sink", "started")
+    __slots__ = ("_completion", "_render")
 
-    def __init__(self, sink: StreamSink, completion: _Completion) -> None:
-        self._sink = sink
+    def __init__(
+        self,
+        sink: StreamSink,
+        completion: _Completion,
+        render: Callable[[RelayError, int], bytes],
+    ) -> None:
+        super().__init__(sink)
         self._completion = completion
-        self.started = False
+        self._render = render  # the endpoint's error body
 
-    async def _send(self, data: bytes) -> None:
-        if not self.started:
-            self.started = True
-            if not await self._sink.start():
-                raise ClientGone()
-            data = _data(self._completion.chunk({"role": "assistant", "content": ""})) + data
-        if not await self._sink.write(data):
-            raise ClientGone()
+    def opening(self) -> bytes:
+        return _data(self._completion.chunk({"role": "assistant", "content": ""}))
 
-    async def piece(self, text: str) -> None:
-        await self._send(_data(self._completion.chunk({"content": text})))
+    def piece_bytes(self, text: str) -> bytes:
+        return _data(self._completion.chunk({"content": text}))
+
+    def error_bytes(self, error: RelayError) -> bytes:
+        return b"data: " + self._render(error, status_of(error)) + b"\n\n"
 
     async def finish(self, answer: Answer, include_usage: bool) -> None:
         if not answer.streamed and answer.content:
             await self.piece(answer.content)
         closing = _data(self._completion.chunk({}, answer.finish_reason or "stop"))
-        usage = _usage(answer)
         if include_usage:
             document = self._completion.chunk({})
             document["choices"] = []
-            document["usage"] = usage or {
+            document["usage"] = _usage(answer) or {
                 "prompt_tokens": 0,
                 "completion_tokens": 0,
                 "total_tokens": 0,
             }
             closing += _data(document)
-        await self._send(closing + b"data: [DONE]\n\n")
-        await self._sink.end()
-
-    async def fail(self, error: RelayError, render: Callable[[RelayError, int], bytes]) -> None:
-        """End a begun stream with an error event, as OpenAI's servers do."""
-        try:
-            await self._send(b"data: " + render(error, status_of(error)) + b"\n\n")
-            await self._sink.end()
-        except ClientGone:
-            pass
+        await self.end(closing + b"data: [DONE]\n\n")
 
 
 def models_listing(state: Any) -> dict[str, Any]:
