@@ -13,8 +13,10 @@ Plain means: the request line is exactly ``POST /api/ask HTTP/1.1``; every
 header line is ``token: value`` with no control characters and no folding;
 exactly one ``Host``; exactly one ``Content-Length`` (digits only) within
 ``server.max_body``; no ``Transfer-Encoding`` and no ``Upgrade``; ``Expect``,
-if present, is ``100-continue``; the head is at most
-:data:`~relayd.hypercorn_fixes.MAX_HEAD` bytes.
+if present, is ``100-continue``; the head is at most :data:`MAX_HEAD` bytes.
+
+Sans-I/O: importing this module loads neither Trio nor Hypercorn
+(tests/test_http1.py checks).
 """
 
 from __future__ import annotations
@@ -25,12 +27,11 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 
-from relayd.hypercorn_fixes import MAX_HEAD
-
 __all__ = [
     "ASK_REQUEST_LINE",
     "CHAT_REQUEST_LINE",
     "CONTINUE",
+    "MAX_HEAD",
     "REQUEST_LINES",
     "AskHead",
     "HttpDate",
@@ -42,6 +43,9 @@ __all__ = [
     "response_bytes",
 ]
 
+# Longest request head read for a Takeover to decide on (h11's and Hypercorn's
+# limit on an incomplete request).
+MAX_HEAD = 16 * 1024
 ASK_REQUEST_LINE = b"POST /api/ask HTTP/1.1\r\n"
 CHAT_REQUEST_LINE = b"POST /v1/chat/completions HTTP/1.1\r\n"
 # The request lines served on the wire path, and the route each one is.

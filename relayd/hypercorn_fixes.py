@@ -83,6 +83,7 @@ from hypercorn.utils import (
     wrap_app,
 )
 
+from relayd.http1 import MAX_HEAD
 from relayd.proxies import ProxyProtocolError, TrustedProxies, parse_proxy_header
 from relayd.sync import LeanLock
 from relayd.tls import TlsListener, TlsTerms
@@ -109,9 +110,6 @@ WRITE_TIMEOUT = 30.0
 # long, and this many bytes (see GuardedTCPServer._close).
 LINGER_TIME = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
-# Longest request head read for a Takeover to decide on (h11's and Hypercorn's
-# limit on an incomplete request).
-MAX_HEAD = 16 * 1024
 
 
 def write_now(stream: trio.abc.Stream, data: bytes) -> int | None:

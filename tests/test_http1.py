@@ -22,6 +22,7 @@ import relayd.http1
 from relayd.http1 import (
     ASK_REQUEST_LINE,
     CONTINUE,
+    MAX_HEAD,
     AskHead,
     HttpDate,
     NotSimple,
@@ -29,7 +30,6 @@ from relayd.http1 import (
     parse_ask_head,
     response_bytes,
 )
-from relayd.hypercorn_fixes import MAX_HEAD
 
 MAX_BODY = 1024
 BODY = b'{"content": "hello"}'
@@ -454,3 +454,18 @@ def test_http_date_is_now() -> None:
     moment = parsedate_to_datetime(value.decode()).timestamp()
     assert int(before) <= moment <= after
     assert value.endswith(b" GMT")
+
+
+def test_the_parser_is_sans_io() -> None:
+    """Importing relayd.http1 loads neither Trio nor Hypercorn (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, relayd.http1; "
+        "print(sorted(m for m in ('trio', 'hypercorn', 'quart') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]", result.stdout

@@ -44,7 +44,7 @@ from relayd.agents.upgrade import (
     refusal_headers,
     refusal_response,
 )
-from relayd.hypercorn_fixes import MAX_HEAD
+from relayd.http1 import MAX_HEAD
 
 EXAMPLES = settings(max_examples=200, deadline=None)
 

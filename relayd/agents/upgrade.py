@@ -27,7 +27,7 @@ from wsproto.utilities import generate_accept_token
 
 from relayd.agents.auth import agent_key_from_path
 from relayd.errors import retry_after_header
-from relayd.hypercorn_fixes import MAX_HEAD
+from relayd.http1 import MAX_HEAD
 
 __all__ = [
     "AgentUpgrade",
