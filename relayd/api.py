@@ -13,20 +13,21 @@ Bodies are parsed as JSON whatever the Content-Type says: the seed's clients
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from quart import Quart, Response, request
+from quart import Quart, Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from relayd import __version__
 from relayd.agents.auth import agent_key_from_path
 from relayd.agents.websocket import AgentEndpoint, Receive, Scope, Send, deny_websocket
-from relayd.ask import AskEndpoint
+from relayd.ask import DISCARD_WAIT, AskEndpoint
 from relayd.config import Config
 from relayd.errors import (
     BadRequest,
@@ -128,6 +129,17 @@ def create_app(state: RelayState) -> Quart:
             candidates.append(request.args["admin_key"])
         gate.admin(candidates, request.remote_addr or "unix", request.path)
 
+    async def drop_body() -> None:
+        """Read and drop the body of a request refused before it (bounded: the
+        refusal must not wait on a slow client). If it did not come whole, the
+        answer says ``Connection: close``: the connection cannot carry another."""
+        whole = False
+        with trio.move_on_after(DISCARD_WAIT), contextlib.suppress(HTTPException):
+            await request.get_data(cache=False)
+            whole = True
+        if not whole:
+            g.relayd_close = True
+
     async def admin_body() -> dict[str, Any]:
         """The JSON body of an admin POST, the admin key checked.
 
@@ -136,7 +148,11 @@ def create_app(state: RelayState) -> Quart:
         only without one does the key come from the body's ``admin_key``.
         """
         if request.headers.get("Authorization") or "admin_key" in request.args:
-            require_admin()
+            try:
+                require_admin()
+            except RelayError:
+                await drop_body()  # so that the connection can carry the next request
+                raise
             return await read_json_object()
         document = await read_json_object()
         require_admin(document)
@@ -146,8 +162,12 @@ def create_app(state: RelayState) -> Quart:
     async def relay_error(error: RelayError) -> Response:
         status = status_of(error)
         if request.path.startswith("/v1/"):
-            return v1_error(status, error.message, error.retry_after)
-        return error_response(status, error.message, error.retry_after)
+            response = v1_error(status, error.message, error.retry_after)
+        else:
+            response = error_response(status, error.message, error.retry_after)
+        if g.get("relayd_close"):
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:

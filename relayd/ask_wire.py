@@ -225,7 +225,14 @@ class AskConnection:
         within :data:`~relayd.ask.DISCARD_WAIT` (as Hypercorn's path does), or close."""
         # A client that waits for 100 Continue may never send the body: close.
         close = head.expects_continue or not head.keep_alive or self._terms.stopping()
-        if not await self._write(self._response(reply, close=close)) or close:
+        if not await self._write(self._response(reply, close=close)):
+            self._over = True
+        elif close:
+            if not head.expects_continue:
+                # A client that writes its whole body before reading (urllib with
+                # its Connection: close) would get a reset, not the answer, if the
+                # socket closed on a body still arriving: read it first (lingering).
+                await self._receive_body(head, DISCARD_WAIT)
             self._over = True
         elif await self._receive_body(head, DISCARD_WAIT) == "whole":
             del self._inbox[: head.end]

@@ -66,17 +66,21 @@ def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     sys.exit(code)
 
 
-def _default_state_dir(environ: dict[str, str]) -> str:
+def _default_state_dir(environ: dict[str, str], config_arg: Path | None = None) -> str:
     """The state directory relayd would use with no --state-dir, for --help."""
     try:
-        config = load_config(find_config_path(None, environ))
+        config = load_config(find_config_path(config_arg, environ))
     except ConfigError:
         return "see docs/configuration.md (the config file has an error)"
     return str(_state_dir(None, config, environ))
 
 
-def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    state_default = _default_state_dir(dict(os.environ) if environ is None else environ)
+def build_parser(
+    environ: dict[str, str] | None = None, arguments: Sequence[str] = ()
+) -> argparse.ArgumentParser:
+    state_default = _default_state_dir(
+        dict(os.environ) if environ is None else environ, _config_argument(arguments)
+    )
     parser = argparse.ArgumentParser(
         prog="relayd",
         description="Relay HTTP API requests to WebSocket agents (ChatGPT-API-server compatible).",
@@ -87,7 +91,7 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         epilog="With no command, relayd serves. See README.md and docs/ for the configuration.",
     )
     parser.add_argument("--version", action="version", version=f"relayd {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", prog="relayd")
 
     def common(sub: argparse.ArgumentParser, *, state: bool = True, default: object = None) -> None:
         sub.add_argument(
@@ -158,6 +162,16 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     return parser
 
 
+def _config_argument(arguments: Sequence[str]) -> Path | None:
+    """The value of ``--config`` in ``arguments``, for --help's defaults."""
+    for index, argument in enumerate(arguments):
+        if argument == "--config" and index + 1 < len(arguments):
+            return Path(arguments[index + 1])
+        if argument.startswith("--config="):
+            return Path(argument.removeprefix("--config="))
+    return None
+
+
 SEED_USAGE = "relayd PORT ADMIN_KEY [-listen HOST]"
 
 
@@ -198,9 +212,15 @@ def _seed_host_problem(host: str) -> str | None:
         if host.endswith("]") and host.count("]") == 1:
             return None
         return f"got {host!r}; write -listen {host.partition(']')[0]}] and the port first"
+    if host.startswith("unix:"):
+        return f"got {host!r}; for a Unix socket use relayd serve --listen {host}"
     if host.count(":") == 1:  # one colon: host:port (an IPv6 address has several)
         name, _, port = host.partition(":")
-        return f"got {host!r}; did you mean relayd {port or 'PORT'} ADMIN_KEY -listen {name}?"
+        # Go's ":8093" is every interface.
+        return (
+            f"got {host!r}; did you mean relayd {port or 'PORT'} ADMIN_KEY "
+            f"-listen {name or '0.0.0.0'}?"
+        )
     if any(character.isspace() or character in "/?#" for character in host):
         return f"got {host!r}"
     return None
@@ -233,9 +253,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             )
         ):
             arguments.insert(0, "serve")
-        args = build_parser().parse_args(arguments)
+        args = build_parser(arguments=arguments).parse_args(arguments)
         if args.command is None:
-            args = build_parser().parse_args(["serve", *arguments])
+            args = build_parser(arguments=arguments).parse_args(["serve", *arguments])
     environ = dict(os.environ)
     handlers = {
         "serve": lambda: serve(args, environ, seed_key),

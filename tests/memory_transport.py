@@ -83,9 +83,15 @@ class RelayEnd:
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.failure: tuple[int, str] | None = None  # never: frames arrive whole
+        self.code_unknown = False
         self.close_calls = 0
         self.sent: list[str] = []  # every frame the relay sent, in order
         self.closed = trio.Event()
+        # Protocol v2's heartbeat is a WebSocket ping: recorded here (trio times),
+        # and answered at once through ``on_pong`` while ``answer_pings`` is true.
+        self.pings: list[float] = []
+        self.answer_pings = True
+        self.on_pong: Callable[[], None] | None = None
 
     async def accept(self) -> bool:
         """The in-memory pair is connected from the start."""
@@ -107,6 +113,14 @@ class RelayEnd:
 
     def send_nowait(self, text: str) -> Awaitable[None] | None:
         return self.send(text)
+
+    def ping_nowait(self) -> Awaitable[None] | None:
+        """A WebSocket ping (v2): recorded, and ponged at once unless told not to."""
+        if self.close_code is None:
+            self.pings.append(trio.current_time())
+            if self.answer_pings and self.on_pong is not None:
+                self.on_pong()
+        return None
 
     async def close(self, code: int, reason: str) -> None:
         self.close_calls += 1

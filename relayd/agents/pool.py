@@ -167,6 +167,12 @@ class AgentPool:
 
     def statistics(self) -> PoolStatistics:
         busy = len(self._sessions) - sum(len(bucket) for bucket in self._free)
+        if self._draining:  # a draining session leaves the free buckets with slots free
+            busy -= sum(
+                1
+                for session in self._sessions.values()
+                if session.draining and session.inflight < session.capacity
+            )
         return PoolStatistics(len(self._sessions), busy, self._inflight, self._capacity)
 
     def _file(self, session: AgentSession) -> None:

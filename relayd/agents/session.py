@@ -139,6 +139,9 @@ class Transport(Protocol):
     def ping_nowait(self) -> Awaitable[None] | None:
         """Send a WebSocket ping (v2's heartbeat), as :meth:`send_nowait` sends text."""
 
+    code_unknown: bool
+    """The connection ended and the transport cannot tell how (Hypercorn's path)."""
+
     on_pong: Callable[[], None] | None
     """Called when the agent's WebSocket pong arrives (set by a v2 session)."""
 
@@ -570,6 +573,13 @@ class AgentSession:
                         if failure is not None:
                             logged_code, ended = failure[0], f"closed by relayd: {failure[1]}"
                             log.warning("agent sent a bad frame, closing: %s: %s", self, failure[1])
+                        elif logged_code is None and getattr(
+                            self._transport, "code_unknown", False
+                        ):
+                            logged_code = CloseCode.ABNORMAL_CLOSURE
+                            ended = (
+                                "the agent's connection ended (Hypercorn's path does not say how)"
+                            )
                         elif logged_code is None:
                             logged_code = CloseCode.ABNORMAL_CLOSURE
                             ended = "agent went away without a close frame"
@@ -591,6 +601,11 @@ class AgentSession:
             self._close_reason = "internal error"
             reason = "internal error"
         finally:
+            if self._close_code == CloseCode.GOING_AWAY:
+                # Before the protocol is told the connection is lost: after that it
+                # would refuse the frame.
+                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    await self._say_goodbye()
             lost = self.protocol.connection_lost()
             for request_id in lost.outstanding:
                 call = self._calls.pop(request_id, None)
@@ -608,8 +623,6 @@ class AgentSession:
                     len(lost.outstanding),
                 )
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                if self._close_code == CloseCode.GOING_AWAY:
-                    await self._say_goodbye()
                 await self._transport.close(self._close_code, self._close_reason[:120])
 
     async def _say_goodbye(self) -> None:
@@ -722,7 +735,8 @@ class AgentSession:
         if call is None:
             return
         call.received_size += len(delta.text)
-        call._push(delta.text)
+        if call.received_size <= settings.max_message:
+            call._push(delta.text)
         if call.received_size > settings.max_message:
             call._resolve(
                 AgentError(

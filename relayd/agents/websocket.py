@@ -35,6 +35,7 @@ from relayd.agents.upgrade import (
 )
 from relayd.agents.wire import WireTransport
 from relayd.hypercorn_fixes import ServerTerms, WriteLimits
+from relayd.protocol import CloseCode
 from relayd.protocol.v2 import SUBPROTOCOL
 from relayd.proxies import TrustedProxies
 from relayd.throttle import FailureThrottle
@@ -52,7 +53,7 @@ Send = Callable[[Message], Awaitable[None]]
 class AsgiTransport:
     """The session's Transport over ASGI WebSocket messages."""
 
-    __slots__ = ("_closed", "_receive", "_send", "close_code", "failure", "on_pong")
+    __slots__ = ("_closed", "_receive", "_send", "close_code", "code_unknown", "failure", "on_pong")
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive = receive
@@ -60,6 +61,7 @@ class AsgiTransport:
         self._closed = False
         self.close_code: int | None = None
         self.failure: tuple[int, str] | None = None  # Hypercorn fails connections itself
+        self.code_unknown = False  # Hypercorn did not say how the agent closed
         # ASGI cannot send a WebSocket ping, so protocol v2 is never offered here.
         self.on_pong: Callable[[], None] | None = None
 
@@ -87,7 +89,11 @@ class AsgiTransport:
                 return bytes(message.get("bytes") or b"")
             if kind == "websocket.disconnect":
                 self._closed = True
-                self.close_code = message.get("code")
+                # Hypercorn reports 1006 for every end it did not start, a polite
+                # close frame included: the agent's own code is not known here.
+                code = message.get("code")
+                self.close_code = None if code == CloseCode.ABNORMAL_CLOSURE else code
+                self.code_unknown = code == CloseCode.ABNORMAL_CLOSURE
         return None
 
     async def send(self, text: str) -> None:

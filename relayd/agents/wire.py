@@ -167,6 +167,7 @@ class WireTransport:
         "_writes",
         "_ws",
         "close_code",
+        "code_unknown",
         "failure",
         "on_pong",
     )
@@ -192,6 +193,7 @@ class WireTransport:
         self.close_code: int | None = None  # the agent's, if it sent a close frame
         self.failure: tuple[int, str] | None = None  # ours, if we failed the connection
         self.on_pong: Callable[[], None] | None = None  # a v2 session's heartbeat
+        self.code_unknown = False  # wsproto always knows how the agent closed
 
     async def accept(self) -> bool:
         if await self._write(self._accept):

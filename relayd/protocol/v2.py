@@ -438,12 +438,15 @@ class RelayConnectionV2:
                 )
             return self._answer(kind, request_id, frame)
         if kind == "update":
+            if self._state is V2State.GOING:
+                raise RemoteProtocolError("'update' after the relay's goodbye")
             capacity = _capacity(frame) if "capacity" in frame else None
             models = _models(frame) if "models" in frame else None
             return Update(capacity, models)
         if kind == "drain":
-            if self._state is V2State.OPEN:
-                self._state = V2State.DRAINING
+            if self._state is not V2State.OPEN:
+                raise RemoteProtocolError(f"'drain' in state {self._state.value}")
+            self._state = V2State.DRAINING
             return Drain()
         if kind == "hello":
             raise RemoteProtocolError("a second 'hello'")
@@ -525,8 +528,9 @@ class AgentConnectionV2:
         }
         if hello.resume:
             document["resume"] = hello.resume
+        frame = _encode(document, "hello")
         self._state = V2State.HELLO
-        return _encode(document, "hello")
+        return frame
 
     def receive_text(self, text: str) -> Welcome | Request | ChatRequest | Cancel | Goodbye:
         frame = _decode(text)
@@ -578,7 +582,7 @@ class AgentConnectionV2:
             _string(frame, "message_id", optional=True) or "",
             _string(frame, "conversation_id", optional=True) or "",
             _string(frame, "parent_id", optional=True) or "",
-            _string(frame, "content") or "",
+            _text(frame, "content") or "",
             model=_string(frame, "model", optional=True),
         )
         self.pending.add(request_id)
@@ -603,9 +607,8 @@ class AgentConnectionV2:
             raise LocalProtocolError(f"no request {event.request_id!r} to answer")
         if isinstance(event, Delta):
             return _encode({"type": "delta", "id": event.request_id, "text": event.text}, "delta")
-        self.pending.discard(event.request_id)
         if isinstance(event, AgentError):
-            return _encode(
+            frame = _encode(
                 {
                     "type": "error",
                     "id": event.request_id,
@@ -615,6 +618,8 @@ class AgentConnectionV2:
                 },
                 "error",
             )
+            self.pending.discard(event.request_id)
+            return frame
         return self.done(event)
 
     def done(self, reply: Reply, *, include_content: bool = True) -> str:
@@ -630,8 +635,9 @@ class AgentConnectionV2:
             document["content"] = reply.content
         if reply.usage is not None:
             document["usage"] = reply.usage
+        frame = _encode(document, "done")
         self.pending.discard(reply.request_id)
-        return _encode(document, "done")
+        return frame
 
     def connection_lost(self) -> Closed:
         lost = tuple(self.pending)
