@@ -430,6 +430,8 @@ class V2Agent:
                         if isinstance(item, Finish):
                             finish = item
                             continue
+                        if request.request_id not in connection.pending:
+                            return  # cancelled before the handler reached a checkpoint
                         pieces.append(item)
                         await self._send(connection.send(Delta(request.request_id, item)))
                 except HandlerFailure as failure:
@@ -440,7 +442,8 @@ class V2Agent:
                         code=failure.code,
                         retryable=failure.retryable,
                     )
-                    await self._send(connection.send(error))
+                    if request.request_id in connection.pending:
+                        await self._send(connection.send(error))
                     return
                 conversation = finish.conversation_id
                 if conversation is None:
@@ -454,6 +457,8 @@ class V2Agent:
                     finish_reason=finish.finish_reason,
                     usage=finish.usage,
                 )
+                if request.request_id not in connection.pending:
+                    return  # cancelled meanwhile: the relay no longer waits for it
                 stats.replies += 1
                 await self._send(connection.done(reply, include_content=False))
         finally:

@@ -70,8 +70,9 @@ def error_response(status: int, message: str, retry_after: float | None = None) 
 
 def v1_error(status: int, message: str, retry_after: float | None = None) -> Response:
     """An error on a /v1 route, in OpenAI's shape (the SDKs parse it)."""
+    code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
     response = Response(
-        openai_error(message, status), status=status, content_type="application/json"
+        openai_error(message, status, code=code), status=status, content_type="application/json"
     )
     if retry_after is not None:
         response.headers["Retry-After"] = retry_after_header(retry_after)

@@ -425,8 +425,8 @@ class StreamSink(Protocol):
     async def write(self, data: bytes) -> bool:
         """Send some of the stream; False if the client is gone."""
 
-    async def end(self) -> None:
-        """End the stream (the response is complete)."""
+    async def end(self, last: bytes = b"") -> None:
+        """Send ``last`` and end the stream (the response is complete), in one go."""
 
 
 def accepts_event_stream(accept: bytes) -> bool:
@@ -483,8 +483,12 @@ class AnswerStream:
         await self.send(self.piece_bytes(text))
 
     async def end(self, closing: bytes) -> None:
-        await self.send(closing)
-        await self._sink.end()
+        """The last bytes and the end of the stream in one write: a client that
+        stops reading at the last event (OpenAI's SDK at [DONE]) still finds
+        the response complete, and can reuse the connection."""
+        if not self.started:
+            await self.send(b"")
+        await self._sink.end(closing)
 
     async def fail(self, error: RelayError) -> None:
         """End a stream that has begun with an error (never a silent cut)."""
@@ -537,8 +541,8 @@ class _AsgiSink:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
         return True
 
-    async def end(self) -> None:
-        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+    async def end(self, last: bytes = b"") -> None:
+        await self._send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 class _RecordingSink:
@@ -558,9 +562,10 @@ class _RecordingSink:
         self.data += data
         return await self._sink.write(data)
 
-    async def end(self) -> None:
+    async def end(self, last: bytes = b"") -> None:
+        self.data += last
         self.complete = True
-        await self._sink.end()
+        await self._sink.end(last)
 
 
 async def _replay(recorded: Recorded, sink: StreamSink | None) -> Reply | None:
@@ -569,7 +574,7 @@ async def _replay(recorded: Recorded, sink: StreamSink | None) -> Reply | None:
         return Reply(recorded.status, recorded.body, list(recorded.headers))
     if sink is None:
         raise BadRequest("this Idempotency-Key's answer was streamed")
-    if not await sink.start() or not await sink.write(recorded.body):
+    if not await sink.start():
         raise ClientGone()
-    await sink.end()
+    await sink.end(recorded.body)
     return None

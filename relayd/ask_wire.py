@@ -244,7 +244,10 @@ class AskConnection:
         """Read while the request is answered: a client that goes away has its
         request cancelled; a request sent before the answer waits for it."""
         if not self._inbox:  # else the next request is here already: no need to read
-            data = await self._read(math.inf)  # the answer sets the idle deadline, or cancels
+            try:
+                data = await self._read(math.inf)  # the answer sets the idle deadline, or cancels
+            finally:
+                self._terms.life.busy(self._end_idle_read)
             if data is None:  # closed after the answer, or idle too long since
                 self._over = True
                 return
@@ -300,6 +303,8 @@ class AskConnection:
                 self._read_scope.cancel()
         elif self._read_scope is not None:
             self._read_scope.deadline = self._idle_since + self._terms.keep_alive_timeout
+            # Idle now, its read still going: closed at SIGTERM (see Lifecycle).
+            self._terms.life.idle(self._end_idle_read)
         if self._answered is not None:
             self._answered.set()
 
@@ -359,8 +364,8 @@ class _WireSink:
     async def write(self, data: bytes) -> bool:
         return await self._put(chunk(data))
 
-    async def end(self) -> None:
-        await self._put(chunk(b""))
+    async def end(self, last: bytes = b"") -> None:
+        await self._put((chunk(last) if last else b"") + chunk(b""))
 
     async def _put(self, data: bytes) -> bool:
         self.ok = self.ok and await self._connection._write(data)

@@ -527,16 +527,14 @@ class Dispatcher:
 
     def _no_candidate(self, exclude: frozenset[str], model: str | None, v2_only: bool) -> Exception:
         """Why no connected agent could ever take a request: the error to raise."""
-        if model is not None and self.pool.has_candidate(exclude, None, v2_only=v2_only):
+        if model is not None and self.pool.has_candidate(exclude):
             named, _ = self.pool.models()
+            v1_model = self.config.agents.v1_model
+            if v1_model and any(session.version == 1 for session in self.pool):
+                named = sorted({*named, v1_model})
             served = ", ".join(named) if named else "none"
             return UnknownModel(
                 f"no connected agent serves model {model!r}; models served: {served}"
-            )
-        if v2_only and self.pool.has_candidate(exclude):
-            return NoAgent(
-                "no connected agent speaks agent protocol v2, which chat requests need",
-                retry_after=5,
             )
         return NoAgent("no other agent is connected", retry_after=5)
 
