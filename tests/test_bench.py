@@ -453,6 +453,7 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object
     return report
 
 
+@pytest.mark.slow
 def test_smoke_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
     report = run_json(
         capsys, "--scenario", "all", "--scale", "0.005", "--duration", "1", "--heartbeat", "0.5"
@@ -468,7 +469,8 @@ def test_smoke_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
     assert relay_1["requests_ok"] > 0
     assert relay_1["ratio"] is not None and relay_1["reference"] == "baseline-1"
     assert relay_1["agents_connected"] == 1
-    for name in ("baseline-1", "baseline-32", "relay-1", "relay-32", "pool-1000", "wide-dispatch"):
+    loads = ("baseline-1", "baseline-32", "relay-1", "relay-32", "v1-chat-32", "relay-32-tls")
+    for name in (*loads, "pool-1000", "wide-dispatch"):
         result = scenarios[name]
         assert result["requests_ok"] > 0, name
         assert result["req_per_s"] > 0, name
@@ -477,7 +479,7 @@ def test_smoke_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
         assert result["server_cpu_s_per_1000"] is not None, name
         assert result["bench_cpu_s_per_1000"] is not None, name
         assert result["server_peak_rss_bytes"] > 0, name
-    for name in ("relay-1", "relay-32", "pool-1000", "wide-dispatch"):
+    for name in ("relay-1", "relay-32", "v1-chat-32", "relay-32-tls", "pool-1000", "wide-dispatch"):
         assert scenarios[name]["queue_wait"]["count"] > 0, name  # agents saw the requests
     pool = scenarios["pool-1000"]
     assert pool["limit_req_per_s"] == pool["agents"] / 2.0
@@ -499,6 +501,8 @@ def test_smoke_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
         "pool-1000",
         "idle-10000",
         "wide-dispatch",
+        "v1-chat-32",
+        "relay-32-tls",
         "stream-32",
     }
     for name in ("bare-stream-32", "stream-32"):  # (tests/test_bench_stream.py has more)

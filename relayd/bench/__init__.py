@@ -9,7 +9,8 @@ Modules: :mod:`~relayd.bench.run` (command line), :mod:`~relayd.bench.scenarios`
 the relay is compared with); for streamed answers (stream-32)
 :mod:`~relayd.bench.stream` (lean v2 agents, the event-stream client, figures
 per delta), :mod:`~relayd.bench.frames` (their WebSocket frames) and
-:mod:`~relayd.bench.bareloop` (the bare forwarding loop it is compared with).
+:mod:`~relayd.bench.bareloop` (the bare forwarding loop it is compared with);
+for relay-32-tls :mod:`~relayd.bench.tls` (its certificate, the clients' TLS).
 
 Importing this package is cheap: the bench itself is loaded by :func:`main`.
 """

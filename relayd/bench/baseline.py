@@ -30,6 +30,10 @@ from hypercorn.typing import ASGIFramework
 
 from relayd.systemd import Notifier
 
+# Seconds an idle keep-alive connection stays open: relayd.bench.servers.KEEP_ALIVE
+# (not imported: this process loads as little as it can).
+KEEP_ALIVE = 120.0
+
 __all__ = ["app", "main"]
 
 Scope = MutableMapping[str, Any]
@@ -102,7 +106,9 @@ def hypercorn_config(bind: str) -> HypercornConfig:
     config.bind = [bind]
     config.accesslog = None
     config.include_server_header = False
-    config.keep_alive_timeout = 10.0
+    # relayd's default is 10 s; the bench gives its relayds and this the same
+    # longer one (relayd.bench.servers.KEEP_ALIVE says why).
+    config.keep_alive_timeout = KEEP_ALIVE
     config.graceful_timeout = 2.0
     config.max_app_queue_size = 16
     return config

@@ -8,21 +8,23 @@ difference. A request carries its number in its content (``"bench <n>"``);
 content in any other form (warm-up requests) is answered but not timed.
 
 A :class:`Fleet` owns nothing but bookkeeping: agents run in a nursery the
-caller passes (and cancels to disconnect them).
+caller passes (and cancels to disconnect them). With ``ssl_context`` its agents
+connect over wss (relay-32-tls), still trio-websocket and the seed protocol.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from relayd.agentkit import AgentStats, Handler, run_agent
+from relayd.agentkit import AgentStats, Handler, run_agent, serve_agent
 from relayd.protocol import Request
 
 __all__ = ["CONNECT_CONCURRENCY", "Fleet", "Tracker", "content_for", "number_of"]
@@ -117,6 +119,7 @@ class Fleet:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # Answer in the task that reads the request (instant agents: no task per request).
     inline: bool = False
+    ssl_context: ssl.SSLContext | None = None  # for a wss:// url: whom to trust
     stats: list[AgentStats] = field(default_factory=list)
     failed: int = 0  # agents that could not connect
     failures: list[str] = field(default_factory=list)  # the first few reasons
@@ -170,14 +173,26 @@ class Fleet:
         self, stats: AgentStats, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            await run_agent(
-                self.url,
-                self.handler,
-                headers=self.headers,
-                stats=stats,
-                inline=self.inline,
-                task_status=task_status,
-            )
+            if self.ssl_context is None:
+                await run_agent(
+                    self.url,
+                    self.handler,
+                    headers=self.headers,
+                    stats=stats,
+                    inline=self.inline,
+                    task_status=task_status,
+                )
+            else:
+                # run_agent with a context: the same connection, trusting the bench's CA.
+                async with open_websocket_url(
+                    self.url,
+                    self.ssl_context,
+                    extra_headers=self.headers,
+                    message_queue_size=16,
+                ) as ws:
+                    await serve_agent(
+                        ws, self.handler, stats=stats, inline=self.inline, task_status=task_status
+                    )
         except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError):
             if stats.connection_id is None:
                 raise  # before started(): nursery.start() reports it to start_one

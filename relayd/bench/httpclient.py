@@ -4,7 +4,8 @@ The bench's load generator must not be the bottleneck, and httpx spends more
 CPU per request than the relay route it measures. This client does only what
 the bench needs: one connection per client, requests with a ``Content-Length``
 body, responses with a ``Content-Length`` body (what relayd sends for every
-response it makes). No chunked bodies, no redirects, no TLS. It reads and
+response it makes). No chunked bodies, no redirects. TLS with ``ssl_context``
+(relay-32-tls: :mod:`relayd.bench.tls` says how). It reads and
 writes the socket with relayd's own non-blocking calls
 (:func:`~relayd.hypercorn_fixes.read_some`, :func:`~relayd.hypercorn_fixes.write_now`):
 after a request the answer cannot be there yet, so it waits for it instead of
@@ -21,12 +22,14 @@ of the answer) is retried once on a fresh connection, as browsers do.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
 import trio
 
+from relayd.bench.tls import TlsSocketStream, open_tls_stream
 from relayd.hypercorn_fixes import read_some, write_now
 
 __all__ = ["HttpClient", "HttpError", "Response", "parse_head"]
@@ -74,16 +77,25 @@ def parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
 class HttpClient:
     """One keep-alive connection to ``host:port``; one request at a time.
 
-    Owns its stream: :meth:`aclose` (or ``async with``) closes it.
+    Owns its stream: :meth:`aclose` (or ``async with``) closes it. With
+    ``ssl_context`` the connection speaks TLS (a :class:`TlsSocketStream`).
     """
 
-    def __init__(self, host: str, port: int, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        headers: dict[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         host_header = f"{host}:{port}"
         extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self._common = f"Host: {host_header}\r\n{extra}".encode("latin-1")
-        self._stream: trio.SocketStream | None = None
+        self._stream: trio.SocketStream | TlsSocketStream | None = None
         self._buffer = bytearray()
         self._used = False  # the open connection has carried a complete exchange
         self.connections = 0  # how many times a connection was opened
@@ -108,9 +120,18 @@ class HttpClient:
     async def connect(self) -> None:
         """Open the connection now (otherwise the first request does)."""
         if self._stream is None:
-            self._stream = await trio.open_tcp_stream(self.host, self.port)
+            if self.ssl_context is None:
+                self._stream = await trio.open_tcp_stream(self.host, self.port)
+            else:
+                self._stream = await open_tls_stream(self.host, self.port, self.ssl_context)
             self._used = False
             self.connections += 1
+
+    @property
+    def tls_session(self) -> str | None:
+        """The open connection's TLS version and cipher (None: not TLS, or not open)."""
+        stream = self._stream
+        return stream.session if isinstance(stream, TlsSocketStream) else None
 
     async def request(
         self,

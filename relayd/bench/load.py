@@ -1,4 +1,5 @@
-"""One load phase: N keep-alive clients sending ``POST /api/ask`` back to back.
+"""One load phase: N keep-alive clients sending ``POST /api/ask`` back to back
+(or, for v1-chat-32, ``POST /v1/chat/completions``: a unit's :class:`Shape`).
 
 Every client has one connection, opened before the clock starts (a few at a
 time, so the server's listen backlog never overflows), and optionally one
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import resource
@@ -41,13 +43,17 @@ from relayd.bench.servers import Target
 from relayd.bench.stats import Distribution, LoadRecorder, per_thousand, rate
 
 __all__ = [
+    "ASK",
     "TURN",
+    "V1_MODEL",
     "CpuSnapshot",
     "CpuTotals",
     "GcWatch",
     "Load",
     "LoadPhase",
+    "Shape",
     "bench_cpu_seconds",
+    "chat_shape",
     "cpu_seconds_of",
 ]
 
@@ -200,6 +206,37 @@ class CpuTotals:
             )
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a unit's clients ask: the path, and the body of request number *n*
+    (``template % content`` with the content :func:`~relayd.bench.fleet.content_for`
+    gives, so that its agents can time it)."""
+
+    path: str
+    template: bytes  # one %s: the content, as JSON string text (it needs no escaping)
+    warm_up: bytes  # the body of a client's warm-up request
+
+    def body(self, number: int) -> bytes:
+        return self.template % content_for(number).encode()
+
+
+# relay-N, wide-dispatch, pool-1000: relayd's own API.
+ASK = Shape("/api/ask", b'{"content": "%s"}', b'{"content": "warm-up"}')
+# The model v1-chat-32's requests name, and its relayd's agents.v1_model.
+V1_MODEL = "bench"
+
+
+def chat_shape(model: str | None = V1_MODEL) -> Shape:
+    """v1-chat-32's requests: an OpenAI chat completion of one user message (no
+    model named when ``model`` is None), not streamed."""
+    named = b"" if model is None else b'"model": ' + json.dumps(model).encode() + b", "
+    return Shape(
+        "/v1/chat/completions",
+        b"{" + named + b'"messages": [{"role": "user", "content": "%s"}]}',
+        b"{" + named + b'"messages": [{"role": "user", "content": "warm-up"}]}',
+    )
+
+
 @dataclass
 class Load:
     """One unit of a load phase: what it loads, its clients, and what they saw."""
@@ -215,6 +252,8 @@ class Load:
     helpers: list[int] = field(default_factory=list)
     left: float = 0.0  # load time still to give it
     gc_paused: float = 0.0
+    shape: Shape = ASK  # what its clients ask
+    opened: int = 0  # connections its clients had opened when the clock started
 
 
 @dataclass
@@ -284,7 +323,8 @@ class LoadPhase:
                     # the first-request costs of the server are not measured.
                     async with trio.open_nursery() as nursery:
                         for client in load.clients:
-                            nursery.start_soon(self.warm_up, client)
+                            nursery.start_soon(self.warm_up, client, load.shape)
+                load.opened = sum(client.connections for client in load.clients)
             with GcWatch() as watch:
                 while turns := [load for load in loads if not self._finished(load)]:
                     for load in turns:
@@ -324,7 +364,7 @@ class LoadPhase:
                 async with trio.open_nursery() as nursery:
                     for client in load.clients:
                         nursery.start_soon(
-                            self.client_loop, client, recorder, deadline, load.tracked
+                            self.client_loop, client, recorder, deadline, load.tracked, load.shape
                         )
                 outer.cancel_scope.cancel()
         load.cpu.add(before, CpuSnapshot.take(load.target.server, load.helpers))
@@ -336,11 +376,16 @@ class LoadPhase:
 
     def new_client(self, target: Target) -> HttpClient:
         """One client of a unit, not connected yet."""
-        return HttpClient(target.host, target.port, headers=target.client_headers())
+        return HttpClient(
+            target.host,
+            target.port,
+            headers=target.client_headers(),
+            ssl_context=target.ssl_context,
+        )
 
-    async def warm_up(self, client: HttpClient) -> None:
+    async def warm_up(self, client: HttpClient, shape: Shape = ASK) -> None:
         """One answered request before the clock starts."""
-        await _warm_up(client)
+        await _warm_up(client, shape)
 
     def load_line(self, result: ScenarioResult, recorder: LoadRecorder) -> str:
         """The figures of the progress line."""
@@ -369,6 +414,12 @@ class LoadPhase:
         result.queue_wait = Distribution.of(recorder.queue_waits).as_ms()
         result.bench_cpu_s_per_1000 = per_thousand(result.bench_cpu_s, recorder.ok)
         result.server_cpu_s_per_1000 = per_thousand(result.server_cpu_s, recorder.ok)
+        reconnected = sum(client.connections for client in load.clients) - load.opened
+        if reconnected > 0:
+            result.notes.append(
+                f"{reconnected} connections were opened again during the load (a server "
+                "closed them, or a request failed): their set-up is in the figures"
+            )
         if target.server is not None:
             result.server_pid = target.server.pid
             memory = target.server.memory()
@@ -397,22 +448,28 @@ class LoadPhase:
             )
 
     async def client_loop(
-        self, client: HttpClient, recorder: LoadRecorder, deadline: float, tracked: bool
+        self,
+        client: HttpClient,
+        recorder: LoadRecorder,
+        deadline: float,
+        tracked: bool,
+        shape: Shape = ASK,
     ) -> None:
         budget = self.settings.requests
         tracker = self.tracker
+        path = shape.path
         while True:
             now = trio.current_time()
             if now >= deadline or (budget is not None and recorder.sent >= budget):
                 return
             number = next(self.numbers)
-            body = b'{"content": "%s"}' % content_for(number).encode()
+            body = shape.body(number)
             if tracked:
                 tracker.sent(number, now)
             recorder.request_sent(now)
             status: int | None = None
             try:
-                status = (await client.request("POST", "/api/ask", body)).status
+                status = (await client.request("POST", path, body)).status
             except (OSError, trio.BrokenResourceError, HttpError) as error:
                 log.debug("request failed: %s", error)
             end = trio.current_time()
@@ -459,8 +516,8 @@ def _signal(pids: list[int], number: signal.Signals) -> None:
             os.kill(pid, number)
 
 
-async def _warm_up(client: HttpClient) -> None:
+async def _warm_up(client: HttpClient, shape: Shape) -> None:
     try:
-        await client.request("POST", "/api/ask", b'{"content": "warm-up"}')
+        await client.request("POST", shape.path, shape.warm_up)
     except (OSError, trio.BrokenResourceError, HttpError) as error:
         log.debug("warm-up request failed: %s", error)

@@ -77,8 +77,12 @@ class ScenarioResult:
     other_cpu_s: float | None = None  # used by every other process on the machine meanwhile
     agents_connected: int | None = None
     agents_busy: int | None = None
+    endpoint: str | None = None  # what its clients ask ("POST /api/ask"), for the load units
     reference: str | None = None
-    ratio: float | None = None
+    ratio: float | None = None  # req/s (deltas/s when streamed) as a share of the reference's
+    # The server's CPU per request (per delta when streamed) as a share of the
+    # reference's: v1-chat-32's target, and relay-32-tls's cost of TLS.
+    cpu_ratio: float | None = None
     limit_req_per_s: float | None = None
     percent_of_limit: float | None = None
     rss_before_bytes: int | None = None
@@ -99,4 +103,8 @@ class ScenarioResult:
     )
     server_cpu_us_per_delta: float | None = None
     bench_cpu_us_per_delta: float | None = None
+    # TLS (relay-32-tls): what made the certificate ("cryptography 50.0.2", "openssl
+    # (OpenSSL 3.0.19 ...)") and what a client negotiated ("TLSv1.3 TLS_AES_256_GCM_SHA384").
+    tls_certificate_by: str | None = None
+    tls_session: str | None = None
     notes: list[str] = field(default_factory=list)

@@ -7,6 +7,10 @@ relay-1/-32    ≥ 60 % of the baseline's req/s at the same client count; 0 erro
 pool-1000      ≥ 95 % of the agent-bound limit (agents * capacity / delay); 0 errors
 idle-10000     ≤ 25 KiB RSS per idle agent; heartbeat CPU ≤ 5 % of a core at 15 s
 wide-dispatch  ≥ 90 % of relay-32's req/s
+v1-chat-32     relayd's CPU per request ≤ 115 % of relay-32's (the OpenAI
+               surface may cost at most 15 % more than /api/ask); 0 errors
+relay-32-tls   0 errors (what TLS costs is reported, against relay-32: req/s
+               and relayd's CPU per request; no target is set for it)
 stream-32      ≥ 50 % of bare-stream-32's deltas/s; ≥ 20,000 deltas/s (relayd is
                on one CPU); added latency per delta p99 ≤ 5 ms; 0 errors
 =============  ===========================================================
@@ -30,6 +34,7 @@ HEARTBEAT_CPU_TARGET = 5.0
 STREAM_SHARE_TARGET = 50.0  # % of the bare loop's deltas/s
 STREAM_RATE_TARGET = 20_000.0  # deltas/s
 STREAM_P99_TARGET_MS = 5.0
+CHAT_CPU_TARGET = 115.0  # % of relay-32's relayd CPU per request
 
 
 class Progress:
@@ -141,6 +146,27 @@ def evaluate(results: dict[str, ScenarioResult]) -> list[Check]:
                 "≥ 90 %",
                 share is not None and share >= 90,
             )
+        )
+    chat = results.get("v1-chat-32")
+    if chat is not None:
+        share = None if chat.cpu_ratio is None else chat.cpu_ratio * 100
+        checks.append(
+            _check(
+                "v1-chat-32",
+                f"relay CPU per request vs {chat.reference or 'relay-32'}",
+                share,
+                "%",
+                "≤ 115 %",
+                share is not None and share <= CHAT_CPU_TARGET,
+            )
+        )
+        checks.append(
+            _check("v1-chat-32", "errors", chat.error_count, "", "0", chat.error_count == 0)
+        )
+    tls = results.get("relay-32-tls")
+    if tls is not None:
+        checks.append(
+            _check("relay-32-tls", "errors", tls.error_count, "", "0", tls.error_count == 0)
         )
     stream = results.get("stream-32")
     if stream is not None:
@@ -270,6 +296,29 @@ def _cpu_line(result: dict[str, Any]) -> str:
     if result["other_cpu_s"] is not None:
         parts.append(f"other processes {result['other_cpu_s']:.2f} CPU s")
     return ", ".join(parts) + (f" in {seconds:.1f}s" if seconds else "")
+
+
+def _cpu_comparison(
+    name: str, result: dict[str, Any], scenarios: dict[str, dict[str, Any]]
+) -> str | None:
+    """The server's CPU per request (per delta) against its reference's, if both were read."""
+    reference = scenarios.get(result["reference"] or "")
+    if result["cpu_ratio"] is None or reference is None:
+        return None
+    if result["deltas_per_answer"]:
+        mine, theirs = result["server_cpu_us_per_delta"], reference["server_cpu_us_per_delta"]
+        unit = "µs per delta"
+    else:
+        mine, theirs = result["server_cpu_s_per_1000"], reference["server_cpu_s_per_1000"]
+        unit = "CPU s per 1,000 requests"
+    return (
+        f"{name}: the server's CPU per {'delta' if result['deltas_per_answer'] else 'request'} "
+        f"is {result['cpu_ratio'] * 100:.1f} % of {result['reference']}'s "
+        f"({mine:.3f} against {theirs:.3f} {unit}); "
+        + ("deltas/s " if result["deltas_per_answer"] else "req/s ")
+        + ("-" if result["ratio"] is None else f"{result['ratio'] * 100:.1f} %")
+        + " of its"
+    )
 
 
 def _stream_table(scenarios: dict[str, dict[str, Any]]) -> list[str]:
@@ -416,6 +465,9 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{_number(result['cpu_percent'], 2)} % of a core over "
                 f"{result['window_s']:g}s with a {result['heartbeat_s']:g}s heartbeat"
             )
+        comparison = _cpu_comparison(name, result, scenarios)
+        if comparison:
+            details.append(comparison)
         if result["bench_cpu_s"] is not None:
             details.append(f"{name}: {_cpu_line(result)}")
         for note in result["notes"]:

@@ -25,8 +25,9 @@ from relayd.bench.procs import (
     raise_open_files_limit,
 )
 from relayd.bench.report import Progress, build_report, evaluate, format_table
-from relayd.bench.scenarios import SCENARIOS, Bench, units_for
+from relayd.bench.scenarios import OWN_RELAYD_ONLY, SCENARIOS, Bench, units_for
 from relayd.bench.sinks import SinkStartError
+from relayd.bench.tls import TlsSetupError
 
 __all__ = ["build_parser", "main"]
 
@@ -141,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--one-at-a-time",
         action="store_true",
         help="measure each scenario alone, one after the other, instead of letting the "
-        "loads of baseline-1/relay-1 and of baseline-32/relay-32/wide-dispatch take turns "
-        "in 2 s windows (always so with --url: those share the one relayd)",
+        "loads of baseline-1/relay-1, of baseline-32/relay-32/v1-chat-32/relay-32-tls/"
+        "wide-dispatch and of bare-stream-32/stream-32 take turns in 2 s windows (always "
+        "so with --url: those share the one relayd)",
     )
     parser.add_argument(
         "--no-pin",
@@ -179,6 +181,17 @@ def main(argv: list[str]) -> int:
         parser.error("--delay must not be negative")
     if args.url and not args.key:
         parser.error("--url needs --key")
+    if args.url:
+        own = [unit for unit in units if unit in OWN_RELAYD_ONLY]
+        named = [unit for unit in own if unit in names]
+        if named:
+            parser.error(f"{', '.join(named)} starts a relayd of its own: not with --url")
+        if own:
+            units = [unit for unit in units if unit not in OWN_RELAYD_ONLY]
+            print(
+                f"relayd bench: {', '.join(own)} left out (it starts a relayd of its own)",
+                file=sys.stderr,
+            )
     if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
         parser.error(f"--workdir {args.workdir} is not empty")
     if args.capacity > 1000:
@@ -212,7 +225,7 @@ def main(argv: list[str]) -> int:
     try:
         with CpuPlan.pinned(not args.no_pin) as cpus:
             results = trio.run(_run, settings, units, files, progress, args.workdir, cpus)
-    except (ServerStartError, SinkStartError, HttpError, OSError) as error:
+    except (ServerStartError, SinkStartError, TlsSetupError, HttpError, OSError) as error:
         progress.clear()
         print(f"relayd bench: {error}", file=sys.stderr)
         return 1

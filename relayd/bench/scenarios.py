@@ -15,6 +15,11 @@ The units:
 
 * ``baseline-N``: N clients against the bare ASGI baseline.
 * ``relay-N``: N clients, 8 agents that answer at once.
+* ``v1-chat-32``: relay-32 through the OpenAI surface, ``POST
+  /v1/chat/completions`` (not streamed), compared with relay-32 (relayd's CPU
+  per request; :meth:`Bench.relay` says how it is kept fair).
+* ``relay-32-tls``: relay-32 with relayd serving TLS (https and wss),
+  compared with relay-32: what TLS costs (:mod:`relayd.bench.tls`).
 * ``pool-1000``: 2,000 clients, 1,000 agents that answer after 2 s; the
   result is compared with the agent-bound limit, agents * capacity / delay.
 * ``idle-10000``: 10,000 agents that only answer pings: relayd's RSS per agent
@@ -44,14 +49,26 @@ import trio
 
 from relayd.bench.fleet import Fleet, Tracker, bench_handler, content_for
 from relayd.bench.httpclient import HttpClient, HttpError
-from relayd.bench.load import TURN, CpuSnapshot, GcWatch, Load, LoadPhase
+from relayd.bench.load import (
+    ASK,
+    TURN,
+    V1_MODEL,
+    CpuSnapshot,
+    GcWatch,
+    Load,
+    LoadPhase,
+    chat_shape,
+)
 from relayd.bench.model import REFERENCE_HEARTBEAT, ScenarioResult, Settings
 from relayd.bench.procs import UNPINNED, CpuPlan, OpenFilesLimit
 from relayd.bench.servers import Servers, Target, count_agents
 from relayd.bench.sinks import BusyAgents, busy_agents
+from relayd.bench.stats import ratio
 from relayd.bench.stream import StreamFleet, StreamPhase, StreamRecorder
 
 __all__ = [
+    "OWN_RELAYD_ONLY",
+    "REFERENCES",
     "SCENARIOS",
     "TOGETHER",
     "UNITS",
@@ -59,6 +76,7 @@ __all__ = [
     "ScenarioResult",
     "Settings",
     "batches",
+    "compare",
     "units_for",
 ]
 
@@ -67,6 +85,8 @@ UNITS = (
     "baseline-32",
     "relay-1",
     "relay-32",
+    "v1-chat-32",
+    "relay-32-tls",
     "bare-stream-32",
     "stream-32",
     "pool-1000",
@@ -80,6 +100,8 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "pool-1000": ("pool-1000",),
     "idle-10000": ("idle-10000",),
     "wide-dispatch": ("baseline-32", "relay-32", "wide-dispatch"),
+    "v1-chat-32": ("relay-32", "v1-chat-32"),
+    "relay-32-tls": ("relay-32", "relay-32-tls"),
     "stream-32": ("bare-stream-32", "stream-32"),
     "all": UNITS,
 }
@@ -88,17 +110,21 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
 # servers start while the others sit idle.
 TOGETHER = (
     ("baseline-1", "relay-1"),
-    ("baseline-32", "relay-32", "wide-dispatch"),
+    ("baseline-32", "relay-32", "v1-chat-32", "relay-32-tls", "wide-dispatch"),
     ("bare-stream-32", "stream-32"),
 )
-# A unit's reference: what its ratio is measured against.
-# (Streamed answers: deltas/s against deltas/s.)
+# A unit's reference: what its ratios are measured against (req/s and the
+# server's CPU per request; streamed answers: per delta).
 REFERENCES = {
     "relay-1": "baseline-1",
     "relay-32": "baseline-32",
+    "v1-chat-32": "relay-32",
+    "relay-32-tls": "relay-32",
     "wide-dispatch": "relay-32",
     "stream-32": "bare-stream-32",
 }
+# Units that need a relayd of their own (they cannot run against --url).
+OWN_RELAYD_ONLY = frozenset({"relay-32-tls"})
 # Units whose clients ask for streamed answers (loaded by StreamPhase).
 STREAMING = frozenset({"bare-stream-32", "stream-32"})
 
@@ -157,6 +183,8 @@ class Bench:
             "baseline-32": lambda: self.baseline("baseline-32", 32),
             "relay-1": lambda: self.relay("relay-1", 1),
             "relay-32": lambda: self.relay("relay-32", 32),
+            "v1-chat-32": lambda: self.relay("v1-chat-32", 32, chat=True),
+            "relay-32-tls": lambda: self.relay("relay-32-tls", 32, tls=True),
             "wide-dispatch": lambda: self.relay("wide-dispatch", 32, busy=True),
             "bare-stream-32": lambda: self.stream("bare-stream-32", 32, bare=True),
             "stream-32": lambda: self.stream("stream-32", 32),
@@ -182,17 +210,9 @@ class Bench:
                         f"loaded in {TURN:g}s turns with {', '.join(others)} (their servers "
                         "running side by side; --one-at-a-time measures each alone)"
                     )
+        compare(results)
         for unit in units:
-            result = self.results[unit] = results[unit]
-            reference = REFERENCES.get(unit)
-            if reference is not None and reference in results:
-                result.reference = reference
-                if unit in STREAMING:
-                    value, base = result.deltas_per_s, results[reference].deltas_per_s
-                else:
-                    value, base = result.req_per_s, results[reference].req_per_s
-                if value is not None and base:
-                    result.ratio = value / base
+            self.results[unit] = results[unit]
         return self.results
 
     # -- counts and the open-files limit ---------------------------------------------
@@ -228,25 +248,53 @@ class Bench:
         )
         counts = self.fit(result, {"clients": settings.scaled(default_clients, settings.clients)})
         result.clients = counts["clients"]
+        result.endpoint = f"POST {ASK.path}"
         async with self.servers.baseline(name) as target:
             yield Load(result, target, tracked=False)
 
     @contextlib.asynccontextmanager
     async def relay(
-        self, name: str, default_clients: int, *, busy: bool = False
+        self,
+        name: str,
+        default_clients: int,
+        *,
+        busy: bool = False,
+        chat: bool = False,
+        tls: bool = False,
     ) -> AsyncIterator[Load]:
-        """relay-1, relay-32, and wide-dispatch (relay-32 beside many busy agents): a
-        relayd with its agents connected, ready for the load."""
+        """relay-1, relay-32 and their variants: a relayd with its agents connected,
+        ready for the load.
+
+        * ``busy`` (wide-dispatch): many more agents beside them, every slot taken.
+        * ``chat`` (v1-chat-32): the clients ask ``POST /v1/chat/completions``
+          (one user message, not streamed) instead of ``POST /api/ask``. Its
+          figure is a comparison with relay-32 (relayd's CPU per request), so
+          everything but the endpoint is relay-32's: the same 8 instant agents
+          (v1, trio-websocket), the same clients and content, and a relayd
+          whose ``agents.v1_model`` is the model the requests name, so that
+          those v1 agents serve the chats (each gets the chat as one
+          ``content``: one user message is its text). Lean v2 agents answering
+          with one ``done`` frame would serve chats as chats, but they are
+          other agents on another protocol path in relayd (v2 frames, their
+          own parsing), and the difference would not be the endpoint's alone.
+          What is left is what the OpenAI surface costs: its body (messages)
+          parsed and checked, the completion object built and encoded.
+        * ``tls`` (relay-32-tls): relayd serves https and wss with a certificate
+          made for the run (:mod:`relayd.bench.tls`); the clients and agents
+          speak TLS, over connections made before the clock starts.
+        """
         settings = self.settings
-        result = ScenarioResult(
-            name,
-            (
+        if busy:
+            description = (
                 "relay-32 with every slot of many more agents taken (dispatch among full agents)"
-                if busy
-                else "instant agents behind relayd"
-            ),
-            server="external" if settings.url else "relayd",
-        )
+            )
+        elif chat:
+            description = "instant agents behind relayd, asked through /v1/chat/completions"
+        elif tls:
+            description = "instant agents behind relayd serving TLS (https and wss)"
+        else:
+            description = "instant agents behind relayd"
+        result = ScenarioResult(name, description, server="external" if settings.url else "relayd")
         wanted = {
             "clients": settings.scaled(default_clients, settings.clients),
             "agents": settings.scaled(8, settings.agents),
@@ -258,9 +306,25 @@ class Bench:
         result.idle_agents = counts.get("idle_agents", 0)
         result.capacity = settings.capacity
         result.delay_s = settings.delay or 0.0
+        shape = ASK
+        if chat:
+            # Against --url the relay's agents.v1_model is not known: a chat that
+            # names no model may go to a v1 agent whatever it is.
+            shape = chat_shape(None if settings.url else V1_MODEL)
+            if settings.url:
+                result.notes.append(
+                    "the chats name no model (a relay's v1 agents serve those whatever "
+                    "its agents.v1_model)"
+                )
+        result.endpoint = f"POST {shape.path}"
         async with contextlib.AsyncExitStack() as stack:
             target = await stack.enter_async_context(
-                self.servers.relayd(name, clients=result.clients)
+                self.servers.relayd(
+                    name,
+                    clients=result.clients,
+                    v1_model=V1_MODEL if chat else None,
+                    tls=tls,
+                )
             )
             helpers = []
             if busy:
@@ -272,10 +336,18 @@ class Bench:
                 target.agent_url,
                 bench_handler(self.tracker, delay=result.delay_s),
                 inline=inline_agents(result.delay_s),
+                ssl_context=target.ssl_context,
             )
             fleet.headers = self.agent_headers()
             await self.connect(agents, fleet, result.agents, result, "agents")
-            yield Load(result, target, tracked=True, helpers=helpers)
+            if target.certificate is not None:
+                result.tls_certificate_by = target.certificate.made_with
+                result.tls_session = await tls_session(target)
+                result.notes.append(
+                    f"TLS: {result.tls_session or 'not negotiated'}; certificate (ECDSA P-256, "
+                    f"from a CA made for the run) made with {result.tls_certificate_by}"
+                )
+            yield Load(result, target, tracked=True, helpers=helpers, shape=shape)
             await self.census(result, target)
             agents.cancel_scope.cancel()
 
@@ -301,6 +373,7 @@ class Bench:
         wanted = {"clients": clients, "agents": agents}
         counts = self.fit(result, wanted)
         result.clients, result.agents = counts["clients"], counts["agents"]
+        result.endpoint = f"POST {ASK.path} (streamed)"
         result.capacity = 1
         async with contextlib.AsyncExitStack() as stack:
             target = await stack.enter_async_context(
@@ -334,6 +407,7 @@ class Bench:
             },
         )
         result.clients, result.agents = counts["clients"], counts["agents"]
+        result.endpoint = f"POST {ASK.path}"
         result.capacity = settings.capacity
         result.delay_s = 2.0 if settings.delay is None else settings.delay
         async with (
@@ -497,7 +571,12 @@ class Bench:
             outcome = "not reached in 30s"
             async with (
                 limiter,
-                HttpClient(target.host, target.port, headers=target.client_headers()) as client,
+                HttpClient(
+                    target.host,
+                    target.port,
+                    headers=target.client_headers(),
+                    ssl_context=target.ssl_context,
+                ) as client,
                 trio.open_nursery() as nursery,
             ):
 
@@ -549,6 +628,32 @@ class Bench:
                 f"relayd counts {connected} agents connected at the end, {expected} expected: "
                 "it dropped some (see its log, --workdir keeps it)"
             )
+
+
+def compare(results: dict[str, ScenarioResult]) -> None:
+    """Each result's ratios to its reference (:data:`REFERENCES`) when that ran too:
+    req/s and the server's CPU per request (per delta, deltas/s, when streamed)."""
+    for unit, result in results.items():
+        reference = REFERENCES.get(unit)
+        if reference is None or reference not in results:
+            continue
+        result.reference = reference
+        base = results[reference]
+        if unit in STREAMING:
+            result.ratio = ratio(result.deltas_per_s, base.deltas_per_s)
+            result.cpu_ratio = ratio(result.server_cpu_us_per_delta, base.server_cpu_us_per_delta)
+        else:
+            result.ratio = ratio(result.req_per_s, base.req_per_s)
+            result.cpu_ratio = ratio(result.server_cpu_s_per_1000, base.server_cpu_s_per_1000)
+
+
+async def tls_session(target: Target) -> str | None:
+    """The TLS version and cipher a client of ``target`` negotiates (None: no TLS)."""
+    if target.ssl_context is None:
+        return None
+    async with HttpClient(target.host, target.port, ssl_context=target.ssl_context) as probe:
+        await probe.connect()
+        return probe.tls_session
 
 
 def batches(units: list[str], *, in_turns: bool) -> list[list[str]]:

@@ -55,7 +55,7 @@ from relayd.bench.frames import (
     parse_frame,
 )
 from relayd.bench.httpclient import HttpClient, HttpError, parse_head
-from relayd.bench.load import Load, LoadPhase
+from relayd.bench.load import ASK, Load, LoadPhase, Shape
 from relayd.bench.model import ScenarioResult
 from relayd.bench.servers import Target
 from relayd.bench.stats import Distribution, LoadRecorder, rate
@@ -606,14 +606,19 @@ class StreamPhase(LoadPhase):
     def new_client(self, target: Target) -> HttpClient:
         return StreamClient(target.host, target.port, headers=target.client_headers())
 
-    async def warm_up(self, client: HttpClient) -> None:
+    async def warm_up(self, client: HttpClient, shape: Shape = ASK) -> None:
         assert isinstance(client, StreamClient)
         outcome = await client.stream(b'{"content": "warm-up", "stream": true}', array("q"))
         if not outcome.ok:
             log.debug("warm-up stream failed: %s", outcome.problem)
 
     async def client_loop(
-        self, client: HttpClient, recorder: LoadRecorder, deadline: float, tracked: bool
+        self,
+        client: HttpClient,
+        recorder: LoadRecorder,
+        deadline: float,
+        tracked: bool,
+        shape: Shape = ASK,  # (streamed questions have their own: see below)
     ) -> None:
         assert isinstance(client, StreamClient) and isinstance(recorder, StreamRecorder)
         budget = self.settings.requests
