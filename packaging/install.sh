@@ -78,7 +78,7 @@ ln -sfn -- "$prefix/bin/relayd" "$link"
 # Units are owned by the package and replaced on upgrade: local changes belong in drop-ins
 # (`systemctl edit relayd`). Paths are rewritten only when they differ from the defaults.
 mkdir -p -- "$destdir$unitdir"
-for unit in relayd.service relayd.socket; do
+for unit in relayd.service relayd.socket relayd-agent.service; do
     sed -e "s|/usr/bin/relayd|$bindir/relayd|g" -e "s|/etc/relayd/|$confdir/|g" \
         "$src/packaging/systemd/$unit" > "$destdir$unitdir/$unit.tmp"
     chmod 0644 "$destdir$unitdir/$unit.tmp"
@@ -110,7 +110,7 @@ cat <<EOF
 relayd installed:
   venv     $destdir$prefix
   command  $link -> $prefix/bin/relayd
-  units    $destdir$unitdir/relayd.service, relayd.socket
+  units    $destdir$unitdir/relayd.service, relayd.socket, relayd-agent.service
   config   $config_note
   $reload_note
 
@@ -123,4 +123,9 @@ Next steps:
      or with socket activation (restarts without refusing connections):
        systemctl enable --now relayd.socket relayd
   4. After an upgrade: systemctl restart relayd. Reload the config: systemctl reload relayd.
+
+The reference agent (relayd-agent.service), on a machine with a model server: write
+$confdir/agent.toml ([agent] relay = "wss://...", backend = "http://127.0.0.1:11434/v1"),
+put the agent key in $confdir/agent_key (mode 600), then: systemctl enable --now relayd-agent
+(docs/operations.md, "The reference agent as a service").
 EOF

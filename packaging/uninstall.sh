@@ -40,10 +40,10 @@ systemd_running=0
 if [ -z "$destdir" ] && [ -d /run/systemd/system ]; then
     systemd_running=1
     # Stop first: removing the files of a running unit leaves it running, unmanaged.
-    systemctl disable --now relayd.socket relayd.service 2>/dev/null || true
+    systemctl disable --now relayd.socket relayd.service relayd-agent.service 2>/dev/null || true
 fi
 
-for unit in relayd.service relayd.socket; do
+for unit in relayd.service relayd.socket relayd-agent.service; do
     rm -f -- "$destdir$unitdir/$unit"
 done
 
@@ -64,8 +64,11 @@ elif [ -e "$venv" ]; then
 fi
 
 if [ "$purge" = 1 ]; then
+    # The agent's state (relayd-agent.service) lives beside relayd's.
+    agentdir=$(dirname -- "$statedir")/relayd-agent
     rm -rf -- "$destdir$confdir" "$destdir$statedir" \
-        "$destdir$(dirname -- "$statedir")/private/$(basename -- "$statedir")"
+        "$destdir$(dirname -- "$statedir")/private/$(basename -- "$statedir")" \
+        "$destdir$agentdir" "$destdir$(dirname -- "$statedir")/private/relayd-agent"
     echo "relayd removed, including $destdir$confdir and $destdir$statedir (--purge)"
 else
     echo "relayd removed; kept $destdir$confdir and $destdir$statedir (use --purge to delete them)"
