@@ -61,6 +61,7 @@ _MAX_LENGTH_DIGITS = 18
 # Control characters other than horizontal tab: never in a field value (RFC 9110, 5.5).
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DECLINED = frozenset((b"transfer-encoding", b"upgrade"))
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class NotSimple(Exception):
@@ -119,6 +120,10 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
         return None
     prefix = len(request_line)
     end = buffer.find(b"\r\n\r\n", prefix - 2)
+    # A bare LF can never be plain, and h11 would end the head at one (LF LF):
+    # hand it over now rather than wait for a CRLF CRLF that may never come.
+    if _BARE_LF.search(buffer, prefix, end + 4 if end >= 0 else len(buffer)):
+        raise NotSimple
     if end < 0:
         if len(buffer) > MAX_HEAD:
             raise NotSimple
