@@ -16,8 +16,8 @@ Hypercorn's limit on an incomplete event (:data:`MAX_HEAD`):
    body at the same offsets; where relayd declines, nothing is consumed and
    Hypercorn starts at offset 0; where relayd waits for more bytes (an incomplete
    head), h11 needs more bytes too, or the bytes may still become a plain
-   request. That last part FAILS, a defect in relayd (bare LF), kept as strict
-   xfails: see :func:`test_where_relayd_waits_for_more_h11_does_too`;
+   request (this found the bare-LF stall: see
+   :func:`test_where_relayd_waits_for_more_h11_does_too`);
 2. pipelined requests, served as AskConnection does (parse, drop ``head.end``
    bytes, parse the next): each request relayd serves is the one h11 reads at the
    same offsets, the bytes handed back to Hypercorn start where h11 stands at the
