@@ -47,6 +47,7 @@ from relayd.locate import (
     prepare_state_dir,
 )
 from relayd.state import RelayState, load_agent_keys
+from relayd.tls import find_tls_files, tls_context
 from relayd.users import UserStore, UserStoreError
 
 if TYPE_CHECKING:
@@ -314,7 +315,7 @@ def serve(args: argparse.Namespace, environ: dict[str, str], seed_key: str | Non
     # Imported here so that `relayd users ...` does not pay for Hypercorn and Quart.
     from relayd.daemon import Daemon
     from relayd.systemd import Notifier
-    from relayd.tls import TlsTerms, find_tls_files
+    from relayd.tls import TlsTerms
 
     config = _load(args, environ)
     logs.setup_logging(config.server.log_level)
@@ -409,6 +410,9 @@ def check_config(args: argparse.Namespace, environ: dict[str, str]) -> int:
     config = _load(args, environ)
     try:
         load_agent_keys(config)
+        files = find_tls_files(config, environ)
+        if files is not None:
+            tls_context(files)  # the pair loads
     except ConfigError as error:
         _fail(str(error))
     print(f"relayd: configuration OK: {config.summary()}")

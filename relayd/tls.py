@@ -51,6 +51,13 @@ def find_tls_files(config: Config, environ: Mapping[str, str]) -> TlsFiles | Non
         key = Path(credentials) / CREDENTIAL_KEY
         if certificate.is_file() and key.is_file():
             return TlsFiles(certificate, key, "systemd credentials")
+        if certificate.is_file() or key.is_file():  # half a pair: say so, never plain HTTP
+            missing = key if certificate.is_file() else certificate
+            raise ConfigError(
+                f"the systemd credential {missing.name} is missing: TLS needs "
+                f"{CREDENTIAL_CERTIFICATE} and {CREDENTIAL_KEY} together",
+                source=str(missing),
+            )
     return None
 
 
@@ -59,6 +66,9 @@ def tls_context(files: TlsFiles) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
+    for path in (files.certificate, files.key):  # ssl's error names neither
+        if not path.is_file():
+            raise ConfigError("cannot read it: no such file", source=str(path))
     try:
         context.load_cert_chain(files.certificate, files.key)
     except FileNotFoundError as error:
