@@ -3,7 +3,7 @@
 Through Hypercorn, each request passed h11's state machine, a stream object,
 ASGI message dicts and an app task with its queue: together about half of
 relayd's CPU per request, on the path of every request (``relayd bench``
-profiles; see the commit that introduced this module). A connection whose
+profiles: docs/performance.md). A connection whose
 first request is a plain ``POST /api/ask`` (:func:`relayd.http1.parse_ask_head`)
 is served here instead: its task reads and parses requests, and each answer
 is worked out by :meth:`relayd.ask.AskEndpoint.answer`, the same code as on

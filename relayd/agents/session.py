@@ -23,8 +23,8 @@ of the session is left.
 Why one task per session, and not a reader, a writer and a heartbeat task:
 an idle agent costs memory for as long as it is connected, and relayd holds
 thousands of them. Extra tasks, a nursery, a channel, a lock and a second
-scope cost about a fifth of a connection's footprint (measured with 3,000 idle
-agents: 33.5 KB each with them, 25.2 KB without). And the task wakes only
+scope would add about a fifth to an idle connection's footprint (relayd bench
+idle-10000; figures in docs/performance.md). And the task wakes only
 when the agent sends: a timer per session meant cancelling every idle
 agent's read once per interval, which was most of the relay's idle CPU.
 

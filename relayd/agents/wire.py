@@ -8,7 +8,8 @@ is where the relay's memory and idle CPU go. Here the session's own task reads
 the socket and parses frames with wsproto, and writers write to the socket
 directly (one at a time).
 
-Measured with ``relayd bench`` (see the commit that introduced this module).
+Its cost is measured by ``relayd bench`` (idle-10000, stream-32): see
+docs/performance.md.
 
 What Hypercorn did for agent sockets and this transport does too: answer
 WebSocket pings, complete the closing handshake, refuse a message over
