@@ -73,20 +73,17 @@ def tune_gc() -> None:
     Every connection keeps a few hundred gc-tracked objects alive, and each
     heartbeat period or queued request leaves objects that survive a young
     collection; with CPython's default threshold they pile up in the oldest
-    generation and trigger full collections of every object (1-2 s each with
+    generation and trigger full collections of every object (seconds each with
     10,000 agents). A larger young generation lets short-lived objects die
-    young instead. Measured with ``relayd bench`` on 10,000 idle agents:
-    heartbeat CPU 27 % -> 19 % of a core (GC disabled altogether: 18 %);
-    pool-1000 72 % -> 90 % of the agent-bound limit (threshold 20,000).
+    young instead.
 
-    Why 100,000 now: an idle agent's wait on its socket is a dozen small
-    objects (coroutines, Trio's wait records) made anew at every pong, so
-    10,000 agents renew about 120,000 of them per heartbeat interval. At
-    20,000 a young collection ran every second or so and moved them all into
-    the middle generation, whose collections then took 100-150 ms every ten
-    seconds; at 100,000 most of them die before a collection sees them.
-    ``relayd bench --scenario wide-dispatch``: no collection at all during the
-    10 s load (was 0.7 s of collections), 88 % -> 90 % of relay-32.
+    Why 100,000: an idle agent's wait on its socket is a dozen small objects
+    (coroutines, Trio's wait records) made anew at every pong, so 10,000
+    agents renew about 120,000 of them per heartbeat interval; with a young
+    generation that size most of them die before a collection sees them,
+    rather than being moved to older generations whose collections are long.
+    ``relayd bench`` (idle-10000, pool-1000, wide-dispatch) measures the
+    effect; docs/performance.md has the figures.
 
     Cyclic garbage is still collected, only in larger batches. What exists at
     start-up (modules, the app) lives as long as the process, so it is frozen
