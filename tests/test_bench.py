@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from relayd.agentkit import AgentStats, echo_handler, run_agent
-from relayd.bench import main
+from relayd.bench import main, sinks
 from relayd.bench.fleet import Tracker, content_for, number_of
 from relayd.bench.httpclient import HttpClient, HttpError, parse_head
 from relayd.bench.model import ScenarioResult, Settings
@@ -454,7 +454,14 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object
 
 
 @pytest.mark.slow
-def test_smoke_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+def test_smoke_every_scenario(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # wide-dispatch's busy agents run at nice 19 (relayd.bench.sinks). While other processes
+    # keep the machine's CPUs busy, that is a sliver of a CPU: they miss the 0.5 s heartbeat
+    # and relayd drops them. Here they run one step below this process instead.
+    priority = min(os.getpriority(os.PRIO_PROCESS, 0) + 1, 19)
+    monkeypatch.setattr(sinks, "LOWEST_PRIORITY", priority)
     report = run_json(
         capsys, "--scenario", "all", "--scale", "0.005", "--duration", "1", "--heartbeat", "0.5"
     )

@@ -11,11 +11,25 @@ from pathlib import Path
 import pytest
 import trio
 
+from relayd.bench import sinks as sinks_module
 from relayd.bench.fleet import Tracker, content_for
 from relayd.bench.httpclient import HttpClient
 from relayd.bench.procs import read_cpu_seconds
 from relayd.bench.sinks import SinkStartError, _lines, busy_agents
 from tests.support import Relayd
+
+
+@pytest.fixture(autouse=True)
+def child_priority(monkeypatch: pytest.MonkeyPatch) -> int:
+    """The nice value busy_agents gives its child here: one step below this process's,
+    not the bench's LOWEST_PRIORITY (19). At nice 19 the child gets a sliver of a CPU
+    whenever other processes keep the machine's CPUs busy (a weight of 15 against their
+    1024), and its start alone can outlast the bench's start timeout; a test must not
+    depend on the machine being otherwise idle. The renicing itself is still seen."""
+    assert sinks_module.LOWEST_PRIORITY == 19
+    priority = min(os.getpriority(os.PRIO_PROCESS, 0) + 1, 19)
+    monkeypatch.setattr(sinks_module, "LOWEST_PRIORITY", priority)
+    return priority
 
 
 async def connections(relayd: Relayd) -> list[dict[str, object]]:
@@ -29,7 +43,7 @@ async def connections(relayd: Relayd) -> list[dict[str, object]]:
 
 
 async def test_busy_agents_connect_report_requests_and_leave(
-    relayd: Relayd, tmp_path: Path
+    relayd: Relayd, tmp_path: Path, child_priority: int
 ) -> None:
     tracker = Tracker()
     progress: list[tuple[int, int]] = []
@@ -47,7 +61,7 @@ async def test_busy_agents_connect_report_requests_and_leave(
             assert progress[-1] == (5, 5)
             assert read_cpu_seconds(agents.pid) is not None  # a live child, not this process
             # Lowest priority: they must not take CPU from the clients being timed.
-            assert os.getpriority(os.PRIO_PROCESS, agents.pid) == 19
+            assert os.getpriority(os.PRIO_PROCESS, agents.pid) == child_priority
             assert len(await connections(relayd)) == 5
             # A request reaching one of them is reported here, and never answered.
             reached = tracker.expect(7)

@@ -26,10 +26,9 @@ import httpx
 import pytest
 
 from relayd import __version__
-from tests.support import ADMIN_KEY, Relayd
+from tests.support import ADMIN_KEY, Relayd, console_script
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_RELAYD = REPO / ".venv" / "bin" / "relayd"
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 RUN_TIMEOUT = 30
@@ -54,7 +53,7 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def relayd(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None, script: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    command = [str(VENV_RELAYD)] if script else [sys.executable, "-m", "relayd"]
+    command = [console_script()] if script else [sys.executable, "-m", "relayd"]
     return subprocess.run(
         [*command, *args],
         capture_output=True,
@@ -143,7 +142,6 @@ def test_version(tmp_path: Path) -> None:
 
 
 def test_version_of_the_console_script(tmp_path: Path) -> None:
-    assert VENV_RELAYD.exists()
     result = relayd(tmp_path, "--version", script=True)
     assert result.returncode == 0
     assert result.stdout.strip() == f"relayd {__version__}"

@@ -8,6 +8,12 @@ and a well-behaved agent that connects now still gets work and answers it.
 The first scenarios are regression tests for the Hypercorn traps fixed in
 relayd/hypercorn_fixes.py (see its docstring); each would fail without its fix.
 Every wait is bounded by ``trio.fail_after``; every socket is on loopback.
+
+The tests must hold on a busy machine: a test waits for what it can observe (the
+agent list in /api/connections, a log line, bytes arriving on a socket, a response)
+and never sleeps to let relayd get somewhere. Where a test times something, the
+bound is generous (:data:`PROMPT`, or a margin of seconds) yet well short of what
+the trap it guards against would take (a timeout of 10 s or more, or never).
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ HOST = "127.0.0.1"
 # Loopback too on Linux: a second client address, for what must not affect others.
 OTHER_HOST = "127.0.0.2"
 AGENT_PATH = "/client/register"
+# "Answered promptly": a daemon stuck behind a hostile peer would take a timeout of
+# 10 s or more (idle_timeout in these tests, the 30 s write timeout) or never answer,
+# while a busy machine can delay a healthy answer by a second or two.
+PROMPT = 5.0
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -76,23 +86,49 @@ async def ask(
     return await client.post("/api/ask", content=body, headers=admin_headers(relayd))
 
 
-async def connected_ids(client: httpx.AsyncClient, relayd: Relayd) -> list[str]:
+async def connections(client: httpx.AsyncClient, relayd: Relayd) -> list[dict[str, Any]]:
     response = await client.get(
         "/api/connections", headers={"Authorization": f"Bearer {relayd.admin_key}"}
     )
     assert response.status_code == 200, response.text
-    return [entry["Id"] for entry in response.json()["connections"]]
+    listing: list[dict[str, Any]] = response.json()["connections"]
+    return listing
+
+
+async def connected_ids(client: httpx.AsyncClient, relayd: Relayd) -> list[str]:
+    return [entry["Id"] for entry in await connections(client, relayd)]
 
 
 async def wait_for_agents(
     client: httpx.AsyncClient, relayd: Relayd, predicate: Callable[[list[str]], bool]
 ) -> list[str]:
     """Poll /api/connections (bounded) until ``predicate(ids)`` holds."""
-    with trio.fail_after(5):
+    with trio.fail_after(10):
         while True:
             ids = await connected_ids(client, relayd)
             if predicate(ids):
                 return ids
+            await trio.sleep(0.02)
+
+
+async def wait_for_inflight(
+    client: httpx.AsyncClient, relayd: Relayd, agent_id: str | None, inflight: int
+) -> None:
+    """Poll /api/connections (bounded) until agent ``agent_id`` has ``inflight`` requests."""
+    with trio.fail_after(10):
+        while True:
+            listing = await connections(client, relayd)
+            if [entry["inflight"] for entry in listing if entry["Id"] == agent_id] == [inflight]:
+                return
+            await trio.sleep(0.02)
+
+
+async def wait_for_log(relayd: Relayd, text: str, count: int = 1) -> None:
+    """Poll relayd's log (bounded) until ``text`` occurs in it ``count`` times."""
+    with trio.fail_after(10):
+        while True:
+            if relayd.log.count(text) >= count:
+                return
             await trio.sleep(0.02)
 
 
@@ -133,14 +169,15 @@ async def echo_agent(
 
 
 async def assert_still_serving(relayd: Relayd, *, local_address: str | None = None) -> None:
-    """The daemon is alive, answers /health within 2 s, and a new agent gets work."""
+    """The daemon is alive, answers /health and a question promptly (:data:`PROMPT`), and a
+    new agent gets work."""
     assert relayd.process.poll() is None, f"relayd exited:\n{relayd.log}"
-    with trio.fail_after(15):
+    with trio.fail_after(30):
         async with http_client(relayd, local_address) as client:
             started = time.monotonic()
             health = await client.get("/health")
             assert health.status_code == 200 and health.text == "OK", health.text
-            assert time.monotonic() - started < 2
+            assert time.monotonic() - started < PROMPT
             stats = AgentStats()
             async with echo_agent(relayd, local_address=local_address, stats=stats):
                 nonce = uuid.uuid4().hex
@@ -152,7 +189,7 @@ async def assert_still_serving(relayd: Relayd, *, local_address: str | None = No
                 )
                 assert response.status_code == 200, response.text
                 assert response.json()["content"] == "echo:" + nonce
-                assert time.monotonic() - started < 2
+                assert time.monotonic() - started < PROMPT
                 assert nonce in stats.contents
     assert relayd.process.poll() is None, f"relayd exited:\n{relayd.log}"
 
@@ -234,7 +271,7 @@ class RawAgent:
         status = 0
         response_headers: dict[str, str] = {}
         body = b""
-        with trio.fail_after(5):
+        with trio.fail_after(10):
             while True:
                 data = await stream.receive_some(65536)
                 agent.ws.receive_data(data or None)
@@ -318,7 +355,7 @@ class RawAgent:
 
     async def receive_json(self, *, skip_pings: bool = True) -> dict[str, Any]:
         """The next protocol frame (pings answered and skipped); fails on a close."""
-        with trio.fail_after(5):
+        with trio.fail_after(10):
             while True:
                 message = await self.receive()
                 assert isinstance(message, str), f"expected a text frame, got {message!r}"
@@ -328,7 +365,7 @@ class RawAgent:
                     continue
                 return document
 
-    async def wait_closed(self, limit: float = 5) -> int | None:
+    async def wait_closed(self, limit: float = 10) -> int | None:
         """The close code the server sends (None: the socket just went away)."""
         with trio.fail_after(limit):
             while True:
@@ -390,7 +427,7 @@ async def test_upgrade_with_bytes_after_the_headers_gets_400_and_the_daemon_live
     for _ in range(20):
         stream = await trio.open_tcp_stream(HOST, relayd.port)
         await stream.send_all(request_bytes)
-        received, _ = await read_until_closed(stream, 2)
+        received, _ = await read_until_closed(stream, PROMPT)
         last_response = received[received.rfind(b"HTTP/1.1 ") :]
         assert status_of(last_response) == 400, received
         await stream.aclose()
@@ -404,13 +441,13 @@ async def test_an_agent_upgrading_after_another_request_is_served(relayd: Relayd
     stream = await trio.open_tcp_stream(HOST, relayd.port)
     await stream.send_all(HEALTH_REQUEST)
     received = b""
-    with trio.fail_after(5):
+    with trio.fail_after(10):
         while not received.endswith(b"\r\n\r\nOK"):
             received += await stream.receive_some(65536)
     assert status_of(received) == 200
     agent = RawAgent(stream)
     await stream.send_all(agent.ws.send(Request(host=f"{HOST}:{relayd.port}", target=AGENT_PATH)))
-    with trio.fail_after(5):
+    with trio.fail_after(10):
         while True:
             data = await stream.receive_some(65536)
             agent.ws.receive_data(data)
@@ -457,29 +494,34 @@ IDLE_1S = '[server]\nidle_timeout = "1s"\n'
 
 async def test_idle_connections_are_closed_by_idle_timeout(relayd_factory: StartRelayd) -> None:
     """After one request, with no request at all, or trickling a header byte every 0.3 s:
-    each connection is closed about ``idle_timeout`` (1 s) after it last became idle."""
+    each connection is closed ``idle_timeout`` (1 s) after it last became idle, give or
+    take what a busy machine adds; not at once, and not 30 s later when the trickle ends.
+
+    Each start time is taken before relayd can start its timer (before the connect, or
+    before the request is sent), so a slow test process can only lengthen what it
+    measures, never shorten it."""
     relayd = relayd_factory(config=IDLE_1S)
     results: dict[str, tuple[bytes, float, float]] = {}
 
     async def after_one_request() -> None:
         stream = await trio.open_tcp_stream(HOST, relayd.port)
+        idle_from = time.monotonic()  # relayd's idle time starts once it has answered
         await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         received = b""
         while b"OK" not in received:
             received += await stream.receive_some(65536)
-        idle_from = time.monotonic()
-        rest, closed_at = await read_until_closed(stream, 3)
+        rest, closed_at = await read_until_closed(stream, 10)
         results["after one request"] = (received + rest, idle_from, closed_at)
 
     async def silent() -> None:
-        stream = await trio.open_tcp_stream(HOST, relayd.port)
         opened = time.monotonic()
-        received, closed_at = await read_until_closed(stream, 3)
+        stream = await trio.open_tcp_stream(HOST, relayd.port)
+        received, closed_at = await read_until_closed(stream, 10)
         results["silent"] = (received, opened, closed_at)
 
     async def trickling() -> None:
-        stream = await trio.open_tcp_stream(HOST, relayd.port)
         opened = time.monotonic()
+        stream = await trio.open_tcp_stream(HOST, relayd.port)
         headers = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
 
         async def trickle() -> None:
@@ -492,7 +534,7 @@ async def test_idle_connections_are_closed_by_idle_timeout(relayd_factory: Start
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trickle)
-            received, closed_at = await read_until_closed(stream, 3)
+            received, closed_at = await read_until_closed(stream, 10)
             nursery.cancel_scope.cancel()
         results["trickling"] = (received, opened, closed_at)
 
@@ -500,8 +542,9 @@ async def test_idle_connections_are_closed_by_idle_timeout(relayd_factory: Start
         nursery.start_soon(after_one_request)
         nursery.start_soon(silent)
         nursery.start_soon(trickling)
+    # The trickle would go on for 30 s: a close within a few seconds is idle_timeout's.
     for name, (received, idle_from, closed_at) in results.items():
-        assert 0.7 < closed_at - idle_from < 2.5, (name, closed_at - idle_from)
+        assert 0.9 < closed_at - idle_from < 1 + PROMPT, (name, closed_at - idle_from)
         if name != "after one request":
             assert received == b"", (name, received)
     await assert_still_serving(relayd)
@@ -551,13 +594,14 @@ async def test_sigterm_with_an_idle_client_exits_quickly(relayd_factory: StartRe
     await assert_still_serving(relayd)
     stream = await trio.open_tcp_stream(HOST, relayd.port)
     await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    with trio.fail_after(5):
+    with trio.fail_after(10):
         assert b"200" in await stream.receive_some(65536)
     started = time.monotonic()
     relayd.signal(signal.SIGTERM)
-    with trio.fail_after(10):
+    with trio.fail_after(30):
         code = await trio.to_thread.run_sync(relayd.process.wait)
-    assert time.monotonic() - started < 5, relayd.log
+    # Well short of the 30 s that the idle client would otherwise hold it for.
+    assert time.monotonic() - started < 2 * PROMPT, relayd.log
     assert code == 0, relayd.log
     await stream.aclose()
 
@@ -587,14 +631,16 @@ async def test_agent_vanishing_with_frames_pending_does_not_stall_the_daemon(
             async with trio.open_nursery() as nursery:
                 for _ in range(8):
                     nursery.start_soon(asker)
-                # The agent reads nothing: the frames and the pings pile up, then it vanishes.
-                await trio.sleep(0.5)
+                # The agent reads nothing: once all eight are its and relayd's frames have
+                # started arriving, they and the pings pile up; then it vanishes.
+                await wait_for_inflight(client, relayd, agent.agent_id, 8)
+                await trio.lowlevel.wait_readable(agent.stream.socket)
                 await agent.abort()
-                for _ in range(10):
+                for _ in range(10):  # over a second or so, /health is answered at once
                     started = time.monotonic()
                     health = await client.get("/health")
                     assert health.status_code == 200
-                    assert time.monotonic() - started < 1, relayd.log
+                    assert time.monotonic() - started < PROMPT, relayd.log
                     await trio.sleep(0.1)
     # The agent went before replying and no other agent was there.
     assert outcomes == [503] * 8, outcomes
@@ -606,8 +652,8 @@ async def test_an_agent_that_stops_reading_does_not_hold_clients_past_the_timeou
 ) -> None:
     """An agent that completes the handshake and then never reads its socket: relayd's
     writes to it block once the socket buffers are full. Clients must still get their
-    answer (504, or 503) within ``requests.timeout`` (1 s) plus a margin, not when the
-    30 s write timeout finally drops the agent."""
+    answer (504, or 503) within ``requests.timeout`` (1 s) plus a margin (generous: a busy
+    machine), not when the 30 s write timeout finally drops the agent."""
     relayd = relayd_factory(config='[requests]\ntimeout = "1s"\n[agents]\nmax_inflight = 4\n')
     agent = await RawAgent.connect(relayd)
     outcomes: list[tuple[int, float]] = []
@@ -620,14 +666,14 @@ async def test_an_agent_that_stops_reading_does_not_hold_clients_past_the_timeou
             json_error(response)
             outcomes.append((response.status_code, time.monotonic() - started))
 
-        with trio.move_on_after(6):
+        with trio.move_on_after(20):
             async with trio.open_nursery() as nursery:
                 for _ in range(12):
                     nursery.start_soon(asker)
     stuck = 12 - len(outcomes)
-    assert stuck == 0, f"{stuck} of 12 clients still waiting after 6 s: {outcomes}"
+    assert stuck == 0, f"{stuck} of 12 clients still waiting after 20 s: {outcomes}"
     assert all(status in (503, 504) for status, _ in outcomes), outcomes
-    assert max(elapsed for _, elapsed in outcomes) < 2.5, outcomes
+    assert max(elapsed for _, elapsed in outcomes) < 1 + PROMPT, outcomes
     await agent.abort()
     await assert_still_serving(relayd)
 
@@ -635,6 +681,13 @@ async def test_an_agent_that_stops_reading_does_not_hold_clients_past_the_timeou
 # -- trap 4: a client that never reads its response ---------------------------------------
 
 BIG_ANSWER = 8_000_000  # more than the loopback socket buffers hold
+
+
+async def writing_to(sock: trio.socket.SocketType) -> None:
+    """Once relayd has started writing its answer to a non-reading client. That answer is
+    ``BIG_ANSWER`` bytes against a receive window of a few KiB: from here on, relayd's
+    write to ``sock`` is blocked."""
+    await trio.lowlevel.wait_readable(sock)
 
 
 async def open_non_reading_client(relayd: Relayd) -> trio.socket.SocketType:
@@ -693,11 +746,12 @@ async def test_a_client_that_never_reads_does_not_block_others(
             answered = await start_big_agent(nursery, client, relayd, 3)
             stuck = [await open_non_reading_client(relayd) for _ in range(3)]
             await answered.wait()
-            await trio.sleep(0.5)  # relayd is now blocked writing 3 x 8 MB
+            for sock in stuck:
+                await writing_to(sock)  # relayd is now blocked writing 3 x 8 MB
             for _ in range(5):
                 started = time.monotonic()
                 assert (await client.get("/health")).status_code == 200
-                assert time.monotonic() - started < 1
+                assert time.monotonic() - started < PROMPT
             nursery.cancel_scope.cancel()
     await assert_still_serving(relayd)
     for sock in stuck:
@@ -706,14 +760,15 @@ async def test_a_client_that_never_reads_does_not_block_others(
 
 async def test_shutdown_with_a_client_that_never_reads(relayd_factory: StartRelayd) -> None:
     """SIGTERM with a peer stuck in a write: a clean exit (0) once shutdown_grace (1 s)
-    and Hypercorn's grace for what is left of connections are over, plus a margin."""
+    and Hypercorn's grace for what is left of connections are over, before the hard stop
+    (``HARD_STOP_MARGIN`` later) would have to end it with "exiting now" and 1."""
     relayd = relayd_factory(config=BIG_CONFIG)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery, http_client(relayd) as client:
             answered = await start_big_agent(nursery, client, relayd, 1)
             stuck = await open_non_reading_client(relayd)
             await answered.wait()
-            await trio.sleep(0.5)
+            await writing_to(stuck)
             nursery.cancel_scope.cancel()
         await assert_still_serving(relayd)
         started = time.monotonic()
@@ -721,7 +776,7 @@ async def test_shutdown_with_a_client_that_never_reads(relayd_factory: StartRela
         code = await trio.to_thread.run_sync(relayd.process.wait)
     elapsed = time.monotonic() - started
     stuck.close()
-    assert elapsed < 1 + HYPERCORN_GRACE + 1.5, (elapsed, relayd.log)
+    assert elapsed < 1 + HYPERCORN_GRACE + PROMPT, (elapsed, relayd.log)
     assert code == 0, (code, relayd.log)
     assert "exiting now" not in relayd.log
 
@@ -729,10 +784,12 @@ async def test_shutdown_with_a_client_that_never_reads(relayd_factory: StartRela
 # -- thousands of silent sockets ----------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_thousands_of_silent_sockets(relayd_factory: StartRelayd) -> None:
     """2,000 connections that never send a byte: while they are all open, /health and
-    a question are answered within 2 s each; then ``idle_timeout`` (10 s, counted from
-    each connection's accept) closes every one of them, none much earlier."""
+    a question are answered promptly; then ``idle_timeout`` (10 s, counted from each
+    connection's accept) closes every one of them, none much earlier (each start time is
+    taken before the connect, so a slow test process cannot make a close look early)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -745,8 +802,9 @@ async def test_thousands_of_silent_sockets(relayd_factory: StartRelayd) -> None:
 
         async def open_one() -> None:
             async with limiter:
+                opened = time.monotonic()
                 stream = await trio.open_tcp_stream(HOST, relayd.port)
-                streams.append((stream, time.monotonic()))
+                streams.append((stream, opened))
 
         async with trio.open_nursery() as nursery:
             for _ in range(count):
@@ -804,7 +862,12 @@ async def test_handshakeless_agents_are_closed_with_1008(relayd_factory: StartRe
             # Meanwhile a real agent connects and works.
             await assert_still_serving(relayd)
     assert codes == [1008] * 200, (Counter(codes), relayd.log[-3000:])
-    assert all(0.5 <= duration < 5 for duration in durations), (min(durations), max(durations))
+    # Closed by the 500 ms handshake timeout (generous upper bound: 200 at once, on a
+    # possibly busy machine), not never.
+    assert all(0.5 <= duration < 2 * PROMPT for duration in durations), (
+        min(durations),
+        max(durations),
+    )
     await assert_still_serving(relayd)
 
 
@@ -918,8 +981,10 @@ async def test_a_body_over_max_body_is_refused_at_once(relayd_factory: StartRela
                 data = await stream.receive_some(65536)
                 assert data, head
                 head += data
+            # 413 while 50 MB minus 64 KiB of the body are still unsent: relayd did not wait
+            # for the body (nor for a body timeout).
             assert status_of(head) == 413, head
-            assert time.monotonic() - started < 1
+            assert time.monotonic() - started < PROMPT
             # Whatever relayd does with the rest, it does not keep it.
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 with trio.move_on_after(5):
@@ -1083,7 +1148,7 @@ async def test_invalid_utf8_text_frame_ends_the_connection(relayd: Relayd) -> No
     async with http_client(relayd) as client:
         await wait_for_agents(client, relayd, lambda ids: agent.agent_id in ids)
         await agent.send_raw(masked_frame(0x1, b'{"id": "\xff\xfe", "message": "pong"}'))
-        assert await agent.wait_closed(2) in (1007, None)
+        assert await agent.wait_closed(PROMPT) in (1007, None)
         await wait_for_agents(client, relayd, lambda ids: agent.agent_id not in ids)
     await assert_still_serving(relayd)
 
@@ -1094,7 +1159,9 @@ async def test_twenty_consecutive_protocol_errors_close_the_agent(relayd: Relayd
         await wait_for_agents(client, relayd, lambda ids: agent.agent_id in ids)
         for _ in range(19):
             await agent.send_text(frame("x", "no such kind"))
-        await trio.sleep(0.3)
+        # relayd has read and dropped all 19 (one log line each), and kept the agent.
+        await wait_for_log(relayd, "agent protocol error, frame dropped", 19)
+        assert "agent protocol error, closing" not in relayd.log
         assert not agent.closed
         assert agent.agent_id in await connected_ids(client, relayd)
         await agent.send_text("[]")
@@ -1121,12 +1188,13 @@ async def test_admin_key_brute_force_is_throttled_per_address(relayd_factory: St
     good = {"Authorization": f"Bearer {relayd.admin_key}"}
     with trio.fail_after(30):
         async with http_client(relayd) as client:
-            # Successes spend nothing and are never slowed.
+            # Successes spend nothing and are never slowed (a throttled success would be
+            # a 429 with a Retry-After of seconds; relayd never delays an answer).
             for _ in range(30):
                 started = time.monotonic()
                 response = await client.get("/admin/users", headers=good)
                 assert response.status_code == 200
-                assert time.monotonic() - started < 0.5
+                assert time.monotonic() - started < PROMPT
             statuses = []
             for attempt in range(50):
                 response = await client.get(
@@ -1244,8 +1312,9 @@ async def test_max_queue_answers_503_queue_full(relayd_factory: StartRelayd) -> 
         await gate.wait()
         return str(uuid.uuid4()), str(uuid.uuid4()), "gated:" + request.content
 
-    statuses: list[int] = []
-    with trio.fail_after(15):
+    responses: dict[str, httpx.Response] = {}
+    refused = trio.Event()
+    with trio.fail_after(30):
         async with trio.open_nursery() as nursery, http_client(relayd) as client:
             agent_id = await nursery.start(
                 lambda task_status: run_agent(
@@ -1255,21 +1324,33 @@ async def test_max_queue_answers_503_queue_full(relayd_factory: StartRelayd) -> 
             await wait_for_agents(client, relayd, lambda ids: agent_id in ids)
 
             async def asker(content: str) -> None:
-                statuses.append((await ask(client, relayd, content)).status_code)
+                responses[content] = response = await ask(client, relayd, content)
+                if response.status_code == 503:
+                    refused.set()
 
             async with trio.open_nursery() as askers:
                 askers.start_soon(asker, "first")
                 await first_arrived.wait()
-                askers.start_soon(asker, "queued 1")
-                askers.start_soon(asker, "queued 2")
-                await trio.sleep(0.5)  # no queue length is visible from outside: give them time
+                # No queue length is visible from outside, and the order in which three
+                # clients arrive is not theirs to choose: whichever comes third finds the
+                # two places taken. Nothing else can be answered while the agent is held.
+                for content in ("queued a", "queued b", "queued c"):
+                    askers.start_soon(asker, content)
+                await refused.wait()
+                assert len(responses) == 1, responses
+                # Both places are still taken: the next one is refused too.
                 response = await ask(client, relayd, "one too many")
                 assert response.status_code == 503
                 assert "queue is full" in json_error(response)
                 assert "Retry-After" in response.headers
                 gate.set()
             nursery.cancel_scope.cancel()
-    assert statuses == [200, 200, 200], statuses
+    refused_content = next(c for c, r in responses.items() if r.status_code == 503)
+    assert "queue is full" in json_error(responses[refused_content])
+    assert "Retry-After" in responses[refused_content].headers
+    served = sorted(content for content, r in responses.items() if r.status_code == 200)
+    assert served == sorted({"first", "queued a", "queued b", "queued c"} - {refused_content})
+    assert sorted(stats.contents) == served
     await assert_still_serving(relayd)
 
 

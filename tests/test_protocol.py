@@ -6,8 +6,9 @@ RemoteProtocolError with a message saying what was wrong and the hint
 ``close_code`` (None: drop the frame and carry on), and leave the state as it
 was; every misuse of ours must raise LocalProtocolError and change nothing.
 
-The real frames of the seed's Firefox agent (``shared/fixtures``) are the test
-vectors for what the relay must understand and what it must send.
+The real frames of the seed's Firefox agent (``tests/fixtures/firefox-agent-frames.json``,
+kept in the repository) are the test vectors for what the relay must understand
+and what it must send.
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ from relayd.protocol import (
     encode_frame,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "firefox-agent-frames.json"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "firefox-agent-frames.json"
 
 
 def fixture_frames() -> list[tuple[str, str]]:

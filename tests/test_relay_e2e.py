@@ -705,7 +705,10 @@ async def test_a_queued_request_is_abandoned_when_its_client_goes(
     """A request waiting for a busy agent leaves the queue as soon as its client
     disconnects: the queue place (max_queue = 1) is free again within moments,
     long before requests.queue_timeout (60 s), and the agent never sees it."""
-    relayd = relayd_factory(config='[requests]\nmax_queue = 1\nqueue_timeout = "60s"\n')
+    relayd = relayd_factory(
+        config='[requests]\nmax_queue = 1\nqueue_timeout = "60s"\n',
+        args=["--log-level", "debug"],  # to see the request abandoned
+    )
     received = trio.Event()
     release = trio.Event()
 
@@ -739,7 +742,11 @@ async def test_a_queued_request_is_abandoned_when_its_client_goes(
                     with trio.move_on_after(1):
                         await ask(leaving, relayd, content="gone")
                 clients.start_soon(keep_asking, http)
-                await trio.sleep(2)  # well past the hang-up, far short of 60 s
+                # relayd has dropped "gone": its place is free before the agent is.
+                while True:
+                    if "client went away, request abandoned" in relayd.log:
+                        break
+                    await trio.sleep(0.02)
                 release.set()
             nursery.cancel_scope.cancel()
     assert results["first"].status_code == 200
