@@ -204,13 +204,6 @@ RESULT: dict[str, type | tuple[type, ...]] = {
     "receive drain": Drain,
 }
 
-# Moves the table does not list but relayd's end accepts anyway (see the xfail below).
-UNLISTED_BUT_ACCEPTED = {
-    (S.DRAINING, "receive drain"),
-    (S.GOING, "receive update"),
-    (S.GOING, "receive drain"),
-}
-
 
 @pytest.mark.parametrize(("state", "move"), list(TABLE), ids=[f"{s.name}-{m}" for s, m in TABLE])
 def test_every_row_of_the_state_table(state: V2State, move: str) -> None:
@@ -231,12 +224,7 @@ def test_connection_lost_from_any_state_is_closed(state: V2State) -> None:
     assert pair.relay.connection_lost() == Closed(())  # idempotent
 
 
-ILLEGAL = [
-    (state, move)
-    for state in V2State
-    for move in MOVES
-    if (state, move) not in TABLE and (state, move) not in UNLISTED_BUT_ACCEPTED
-]
+ILLEGAL = [(state, move) for state in V2State for move in MOVES if (state, move) not in TABLE]
 
 
 @pytest.mark.parametrize(("state", "move"), ILLEGAL, ids=[f"{s.name}-{m}" for s, m in ILLEGAL])
@@ -253,18 +241,6 @@ def test_every_move_the_table_does_not_list_raises_and_changes_nothing(
         assert not isinstance(info.value, LocalProtocolError)
     assert pair.relay.state is state
     assert pair.relay.outstanding == outstanding
-
-
-@pytest.mark.parametrize(
-    ("state", "move"),
-    sorted(UNLISTED_BUT_ACCEPTED, key=str),
-    ids=[f"{s.name}-{m}" for s, m in sorted(UNLISTED_BUT_ACCEPTED, key=str)],
-)
-def test_moves_the_table_does_not_list_but_are_accepted(state: V2State, move: str) -> None:
-    pair = pair_in(state)
-    with pytest.raises(RemoteProtocolError):
-        MOVES[move](pair.relay)
-    assert pair.relay.state is state
 
 
 def test_first_frame_must_be_hello_and_the_hint_is_to_close_with_1002() -> None:

@@ -782,5 +782,5 @@ def test_five_restarts_fail_no_request_and_lose_no_answer(
         with trio.fail_after(80):
             return await restart_five_times(relay, pause)
 
-    # Its own trio.run, so that check() raises outside any nursery (xfail's raises=).
+    # Its own trio.run, so that check() raises its summary outside any nursery.
     check(trio.run(restarts))
