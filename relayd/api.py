@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import trio
@@ -26,7 +26,8 @@ from werkzeug.exceptions import HTTPException
 
 from relayd import __version__
 from relayd.agents.auth import agent_key_from_path
-from relayd.agents.websocket import AgentEndpoint, Receive, Scope, Send, deny_websocket
+from relayd.agents.websocket import AgentEndpoint, deny_websocket
+from relayd.asgi import AsgiApp, Receive, Scope, Send
 from relayd.ask import DISCARD_WAIT, AskEndpoint
 from relayd.config import Config
 from relayd.errors import (
@@ -57,8 +58,6 @@ from relayd.web import (
 __all__ = ["STATUS", "AsgiApp", "agent_endpoint", "create_app", "create_asgi_app", "rfc3339"]
 
 log = logging.getLogger("relayd.api")
-
-AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> Response:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import trio
 
-from relayd.agents.websocket import Message, Receive, Scope, Send
+from relayd.asgi import Message, Receive, Scope, Send
 from relayd.dispatch import Answer, Question
 from relayd.errors import (
     BadRequest,

@@ -456,13 +456,16 @@ def test_http_date_is_now() -> None:
     assert value.endswith(b" GMT")
 
 
-def test_the_parser_is_sans_io() -> None:
-    """Importing relayd.http1 loads neither Trio nor Hypercorn (a fresh interpreter)."""
+@pytest.mark.parametrize(
+    "module", ["relayd.http1", "relayd.agents.upgrade", "relayd.protocol.v2", "relayd.asgi"]
+)
+def test_the_parsers_are_sans_io(module: str) -> None:
+    """Importing a parser loads neither Trio nor Hypercorn (a fresh interpreter)."""
     import subprocess
     import sys
 
     probe = (
-        "import sys, relayd.http1; "
+        f"import sys, {module}; "
         "print(sorted(m for m in ('trio', 'hypercorn', 'quart') if m in sys.modules))"
     )
     result = subprocess.run(

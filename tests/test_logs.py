@@ -202,8 +202,13 @@ async def test_hypercorn_logs_through_our_handler(journal: TextIO) -> None:
     await config.log.warning("Running on %s", "fd://3")
     await config.log.debug("below the level")
     scope = {
-        "type": "http", "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": "/v1/health", "query_string": b"", "headers": [],
+        "type": "http",
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/v1/health",
+        "query_string": b"",
+        "headers": [],
         "client": ("127.0.0.1", 5555),
     }
     await config.log.access(scope, {"status": 200, "headers": []}, 0.01)  # type: ignore[arg-type]
@@ -241,7 +246,10 @@ def test_real_stderr_fd_in_a_subprocess(tmp_path: Path, journal: bool) -> None:
         env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         subprocess.run(
             [sys.executable, "-W", "always", "-c", CHILD],
-            stderr=stderr, env=env, check=True, timeout=60,
+            stderr=stderr,
+            env=env,
+            check=True,
+            timeout=60,
         )
     lines = stderr_path.read_text().splitlines()
     if journal:

@@ -137,6 +137,7 @@ def test_full_socket_buffer_does_not_block_or_raise(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="relayd.systemd")
     sock, path = receiver
+
     def blocked(signum: int, frame: FrameType | None) -> None:
         raise TimeoutError("sendto blocked")
 
@@ -286,10 +287,22 @@ def test_listen_fds_under_real_socket_activation(tmp_path: Path) -> None:
     # systemd-socket-activate (252) cannot listen on port 0, so two unix sockets stand in for
     # TCP ones; it passes only HOME/PATH/TERM on, hence -E PYTHONPATH.
     proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", web, "-l", admin, "--fdname=web:admin",
-         "-E", f"PYTHONPATH={Path(__file__).resolve().parents[1]}",
-         sys.executable, "-c", CHILD],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            "systemd-socket-activate",
+            "-l",
+            web,
+            "-l",
+            admin,
+            "--fdname=web:admin",
+            "-E",
+            f"PYTHONPATH={Path(__file__).resolve().parents[1]}",
+            sys.executable,
+            "-c",
+            CHILD,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stderr is not None

@@ -762,8 +762,6 @@ def check(run: Run) -> None:
     assert latencies[-1] - statistics.median(latencies) < 10.0, summary
 
 
-
-
 @pytest.mark.parametrize(
     "pause",
     [

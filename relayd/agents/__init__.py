@@ -1,25 +1,6 @@
-"""Agents: their sessions, the pool of live ones, and who may connect."""
+"""Agents: their sessions, the pool of live ones, and who may connect.
 
-from relayd.agents.auth import AgentKeys, AgentRefusal
-from relayd.agents.pool import AgentPool, PoolStatistics
-from relayd.agents.session import (
-    AdmissionRefused,
-    AgentSession,
-    Call,
-    SessionHost,
-    SessionLost,
-    Transport,
-)
-
-__all__ = [
-    "AdmissionRefused",
-    "AgentKeys",
-    "AgentPool",
-    "AgentRefusal",
-    "AgentSession",
-    "Call",
-    "PoolStatistics",
-    "SessionHost",
-    "SessionLost",
-    "Transport",
-]
+Import the modules themselves (``relayd.agents.session``, ``.pool``,
+``.auth``, ``.upgrade``): this package re-exports nothing, so that importing
+the sans-I/O upgrade parser loads neither Trio nor the session machinery.
+"""

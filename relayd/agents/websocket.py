@@ -16,9 +16,8 @@ implements), and a warning in the log.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
@@ -34,6 +33,7 @@ from relayd.agents.upgrade import (
     refusal_response,
 )
 from relayd.agents.wire import WireTransport
+from relayd.asgi import Receive, Scope, Send
 from relayd.hypercorn_fixes import ServerTerms, WriteLimits
 from relayd.protocol import CloseCode
 from relayd.protocol.v2 import SUBPROTOCOL
@@ -43,11 +43,6 @@ from relayd.throttle import FailureThrottle
 __all__ = ["AgentEndpoint", "AsgiTransport", "Refusal", "deny_websocket"]
 
 log = logging.getLogger("relayd.agents")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 class AsgiTransport:

@@ -21,13 +21,13 @@ import json
 import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, cast
+from typing import cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIFramework
 
+from relayd.asgi import Receive, Scope, Send
 from relayd.systemd import Notifier
 
 # Seconds an idle keep-alive connection stays open: relayd.bench.servers.KEEP_ALIVE
@@ -36,10 +36,6 @@ KEEP_ALIVE = 120.0
 
 __all__ = ["app", "main"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _encoder = json.JSONEncoder(separators=(", ", ": "))
 
