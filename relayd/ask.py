@@ -42,15 +42,15 @@ from relayd.errors import (
 from relayd.idempotency import Recorded, body_hash, key_problem
 from relayd.state import RelayState
 from relayd.users import User
-from relayd.web import Gate, error_body, optional_string, parse_json_object, status_of
+from relayd.web import Caller, Gate, error_body, optional_string, parse_json_object, status_of
 
 __all__ = [
     "AskEndpoint",
     "Asked",
     "Caller",
     "ClientGone",
+    "HttpReply",
     "JsonEndpoint",
-    "Reply",
     "StreamSink",
     "accepts_event_stream",
     "sse_event",
@@ -68,7 +68,7 @@ class ClientGone(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Reply:
+class HttpReply:
     """An answer to ``/api/ask``: status, JSON body, headers beyond the usual."""
 
     status: int
@@ -77,8 +77,6 @@ class Reply:
 
 
 BodySource = bytes | Callable[[], Awaitable[bytes]]
-# Who is asking: the user (None for the admin key) and the id the log shows.
-Caller = tuple[User | None, str]
 
 
 @dataclass(slots=True)
@@ -117,8 +115,8 @@ class JsonEndpoint:
         *,
         event_stream: bool,
         sink: StreamSink | None,
-    ) -> Reply | None:
-        """Answer the question in ``document``: a :class:`Reply`, or None once
+    ) -> HttpReply | None:
+        """Answer the question in ``document``: a :class:`HttpReply`, or None once
         it was streamed through ``sink``. Raises RelayError before the first
         byte of a stream; after it, ends the stream with an error itself."""
         raise NotImplementedError
@@ -170,7 +168,9 @@ class JsonEndpoint:
             f"the request body stopped arriving for server.idle_timeout ({self.body_timeout:g} s)"
         )
 
-    def failure(self, error: RelayError, user_id: str = "-", conversation_id: str = "-") -> Reply:
+    def failure(
+        self, error: RelayError, user_id: str = "-", conversation_id: str = "-"
+    ) -> HttpReply:
         """The answer to a request that failed with ``error``, logged."""
         status = status_of(error)
         log.info(
@@ -183,7 +183,7 @@ class JsonEndpoint:
         extra = []
         if error.retry_after is not None:
             extra.append((b"retry-after", retry_after_header(error.retry_after).encode()))
-        return Reply(status, self.error_body(error, status), extra)
+        return HttpReply(status, self.error_body(error, status), extra)
 
     async def answer(
         self,
@@ -195,7 +195,7 @@ class JsonEndpoint:
         event_stream: bool = False,
         sink: StreamSink | None = None,
         idempotency_key: str | None = None,
-    ) -> Reply | None:
+    ) -> HttpReply | None:
         """Check the credentials (unless ``caller`` says they passed already),
         read ``body`` (bytes, or a reader called once the credentials pass), ask
         an agent and say what to answer.
@@ -203,7 +203,7 @@ class JsonEndpoint:
         A question with ``"stream": true`` (or ``event_stream``: the client's
         ``Accept`` names ``text/event-stream``) is answered through ``sink`` as
         server-sent events, and None is returned once it is; errors before the
-        first byte are still a :class:`Reply` with their status. With an
+        first byte are still a :class:`HttpReply` with their status. With an
         ``idempotency_key``, a retry gets the first answer (relayd.idempotency).
 
         Raises :class:`ClientGone` when the reader finds the client gone.
@@ -241,7 +241,7 @@ class JsonEndpoint:
         *,
         event_stream: bool,
         sink: StreamSink | None,
-    ) -> Reply | None:
+    ) -> HttpReply | None:
         """:meth:`respond`, or the answer an earlier request with ``key`` got."""
         store = self._state.idempotency
         digest = body_hash(raw)
@@ -275,7 +275,7 @@ class JsonEndpoint:
         if scope["method"] != "POST":
             error = BadRequest(f"method {scope['method']} not allowed on {self.path}")
             body = self.error_body(error, 405)
-            await _respond(send, Reply(405, body, [(b"allow", b"POST")]))
+            await _respond(send, HttpReply(405, body, [(b"allow", b"POST")]))
             return
         client = scope.get("client")
         authorization = None
@@ -366,12 +366,12 @@ class AskEndpoint(JsonEndpoint):
         *,
         event_stream: bool,
         sink: StreamSink | None,
-    ) -> Reply | None:
+    ) -> HttpReply | None:
         question = self._question(document, asked.user_id, is_admin=asked.user is None)
         asked.conversation_id = question.conversation_id or "-"
         if sink is None or not _wants_stream(document, event_stream):
             answer = await self._state.dispatcher.ask(question)
-            return Reply(200, json.dumps(_answer_document(answer)).encode(), [])
+            return HttpReply(200, json.dumps(_answer_document(answer)).encode(), [])
         streamer = _EventStream(sink)
         streamed = await self.ask_streaming(question, streamer, asked)
         if streamed is not None:
@@ -407,7 +407,7 @@ def _answer_document(answer: Answer) -> dict[str, str]:
     }
 
 
-async def _respond(send: Send, reply: Reply) -> None:
+async def _respond(send: Send, reply: HttpReply) -> None:
     headers = [_JSON, (b"content-length", str(len(reply.body)).encode()), *reply.headers]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body})
@@ -568,10 +568,10 @@ class _RecordingSink:
         await self._sink.end(last)
 
 
-async def _replay(recorded: Recorded, sink: StreamSink | None) -> Reply | None:
+async def _replay(recorded: Recorded, sink: StreamSink | None) -> HttpReply | None:
     """The answer a first request got, again."""
     if not recorded.streamed:
-        return Reply(recorded.status, recorded.body, list(recorded.headers))
+        return HttpReply(recorded.status, recorded.body, list(recorded.headers))
     if sink is None:
         raise BadRequest("this Idempotency-Key's answer was streamed")
     if not await sink.start():

@@ -38,20 +38,20 @@ from typing import Literal
 
 import trio
 
-from relayd.ask import DISCARD_WAIT, Caller, ClientGone, JsonEndpoint, Reply
+from relayd.ask import DISCARD_WAIT, Caller, ClientGone, HttpReply, JsonEndpoint
 from relayd.errors import RelayError
 from relayd.http1 import (
     CONTINUE,
     AskHead,
     HttpDate,
-    NotSimple,
+    NotPlainAsk,
     chunk,
     event_stream_head,
     may_be_ask,
     parse_ask_head,
     response_bytes,
 )
-from relayd.hypercorn_fixes import HandBack, ServerTerms, read_some
+from relayd.hypercorn_fixes import ConnectionTerms, HandBack, read_some
 from relayd.web import error_body
 
 __all__ = ["AskConnection", "AskWire"]
@@ -69,19 +69,19 @@ class AskWire:
         self._endpoint = next(iter(endpoints.values()))  # they share max_body
         self._date = HttpDate()
 
-    def wants(self, first_bytes: bytes) -> bool:
+    def might_serve(self, first_bytes: bytes) -> bool:
         return may_be_ask(first_bytes)
 
-    def claim(
+    def server_for(
         self,
         head: bytes,
         stream: trio.abc.Stream,
         client: tuple[str, int] | None,
-        terms: ServerTerms,
+        terms: ConnectionTerms,
     ) -> Awaitable[HandBack | None] | None:
         try:
             parse_ask_head(head, self._endpoint.max_body)
-        except NotSimple:
+        except NotPlainAsk:
             return None
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connection served on the wire path: remote=%s", _remote(client))
@@ -114,7 +114,7 @@ class AskConnection:
         endpoints: Mapping[str, JsonEndpoint] | JsonEndpoint,
         stream: trio.abc.Stream,
         client: tuple[str, int] | None,
-        terms: ServerTerms,
+        terms: ConnectionTerms,
         date: HttpDate,
     ) -> None:
         if not isinstance(endpoints, Mapping):  # one route (the unit tests)
@@ -168,7 +168,7 @@ class AskConnection:
             if arrival in ("stalled", "late"):
                 endpoint = self._endpoint
                 timeout = endpoint.stalled() if arrival == "stalled" else endpoint.late()
-                reply = endpoint.failure(timeout, caller[1] if caller else "-")
+                reply = endpoint.failure(timeout, caller.log_id if caller else "-")
                 await self._write(self._response(reply, close=True))
             if arrival != "whole":
                 return None
@@ -185,7 +185,7 @@ class AskConnection:
         while True:
             try:
                 head = parse_ask_head(self._inbox, self._endpoint.max_body)
-            except NotSimple:
+            except NotPlainAsk:
                 return bytes(self._inbox)
             if head is not None:
                 return head
@@ -220,7 +220,7 @@ class AskConnection:
             self._inbox += data
         return "whole"
 
-    async def _refuse(self, head: AskHead, reply: Reply) -> None:
+    async def _refuse(self, head: AskHead, reply: HttpReply) -> None:
         """Answer a request refused before its body, then read the body and drop it
         within :data:`~relayd.ask.DISCARD_WAIT` (as Hypercorn's path does), or close."""
         # A client that waits for 100 Continue may never send the body: close.
@@ -265,7 +265,7 @@ class AskConnection:
     async def _answer(
         self, head: AskHead, body: bytes, caller: Caller | None, scope: trio.CancelScope
     ) -> None:
-        reply: Reply | None = None
+        reply: HttpReply | None = None
         sink = _WireSink(self, close=not head.keep_alive or self._terms.stopping())
         with scope:
             try:
@@ -285,7 +285,7 @@ class AskConnection:
                 if sink.started:  # the head went out: the stream can only be cut
                     sink.ok = False
                 else:
-                    reply = Reply(500, error_body("internal error; see the relayd log"), [])
+                    reply = HttpReply(500, error_body("internal error; see the relayd log"), [])
                 self._over = True
         if reply is None and not sink.started:  # cancelled: the client has gone
             return
@@ -314,7 +314,7 @@ class AskConnection:
             self._over = True
             self._read_scope.cancel()
 
-    def _response(self, reply: Reply, *, close: bool) -> bytes:
+    def _response(self, reply: HttpReply, *, close: bool) -> bytes:
         date = self._date.now()
         return response_bytes(reply.status, reply.body, date, reply.headers, close=close)
 

@@ -4,7 +4,7 @@ Task tree (everything has an owner; nothing outlives ``run``)::
 
     run()
     └─ root nursery
-       ├─ hypercorn.trio.serve (started with nursery.start → READY=1)
+       ├─ hypercorn_fixes.serve_guarded (started with nursery.start → READY=1)
        │  └─ per-connection tasks; agent sessions run inside their handlers
        ├─ watchdog loop (only when systemd asked for one)
        ├─ status loop (STATUS= when the numbers change)
@@ -42,7 +42,7 @@ from relayd.api import AsgiApp, agent_endpoint, create_asgi_app
 from relayd.ask import AskEndpoint
 from relayd.ask_wire import AskWire
 from relayd.config import Config, ConfigError, plural
-from relayd.hypercorn_fixes import Takeover, serve
+from relayd.hypercorn_fixes import Takeover, serve_guarded
 from relayd.idempotency import Recorded
 from relayd.openai_api import ChatCompletionsEndpoint
 from relayd.persist import Change, StateFile, StoredAnswer, answer_row, conversation_row
@@ -95,20 +95,20 @@ def tune_gc() -> None:
 
 
 def hypercorn_config(config: Config, binds: list[str]) -> HypercornConfig:
-    hc = HypercornConfig()
-    hc.bind = binds
+    hypercorn_settings = HypercornConfig()
+    hypercorn_settings.bind = binds
     error_logger, _ = logs.hypercorn_loggers()
-    hc.errorlog = error_logger
-    hc.accesslog = None
-    hc.graceful_timeout = HYPERCORN_GRACE
-    hc.websocket_max_message_size = config.agents.max_message
-    hc.include_server_header = False
-    hc.h2_max_inbound_frame_size = 2**14
-    hc.keep_alive_timeout = config.server.idle_timeout
+    hypercorn_settings.errorlog = error_logger
+    hypercorn_settings.accesslog = None
+    hypercorn_settings.graceful_timeout = HYPERCORN_GRACE
+    hypercorn_settings.websocket_max_message_size = config.agents.max_message
+    hypercorn_settings.include_server_header = False
+    hypercorn_settings.h2_max_inbound_frame_size = 2**14
+    hypercorn_settings.keep_alive_timeout = config.server.idle_timeout
     # Messages Hypercorn buffers for the app per connection (agent frames
     # included) before it stops reading from the socket.
-    hc.max_app_queue_size = 16
-    return hc
+    hypercorn_settings.max_app_queue_size = 16
+    return hypercorn_settings
 
 
 @dataclass
@@ -139,11 +139,17 @@ class Daemon:
                 ask = AskEndpoint(self.state)
                 chat = ChatCompletionsEndpoint(self.state)
                 app = create_asgi_app(self.state, agents, ask, chat)
-                hc = hypercorn_config(self.state.config, binds)
+                hypercorn_settings = hypercorn_config(self.state.config, binds)
                 # Agents' WebSockets, /api/ask and /v1/chat/completions go on the wire path.
                 takeovers = (agents, AskWire({ask.path: ask, chat.path: chat}))
                 bound: list[str] = await root.start(
-                    self._serve, app, takeovers, hc, stop_serving, stop_accepting, served
+                    self._serve,
+                    app,
+                    takeovers,
+                    hypercorn_settings,
+                    stop_serving,
+                    stop_accepting,
+                    served,
                 )
                 self.listening = ", ".join(bound)
                 if agents_before:  # a restart: give them time to come back
@@ -175,7 +181,7 @@ class Daemon:
         self,
         app: AsgiApp,
         takeovers: Sequence[Takeover],
-        hc: HypercornConfig,
+        hypercorn_settings: HypercornConfig,
         stop: trio.Event,
         stop_accepting: trio.Event,
         served: trio.Event,
@@ -185,9 +191,9 @@ class Daemon:
         try:
             # Our callable is a plain ASGI 3 app; Hypercorn's type is a union of its TypedDicts.
             framework = cast("ASGIFramework", app)
-            await serve(
+            await serve_guarded(
                 framework,
-                hc,
+                hypercorn_settings,
                 shutdown_trigger=stop.wait,
                 stop_accepting=stop_accepting.wait,
                 takeovers=takeovers,

@@ -536,6 +536,11 @@ class Dispatcher:
             return UnknownModel(
                 f"no connected agent serves model {model!r}; models served: {served}"
             )
+        if v2_only and self.pool.has_candidate(exclude):
+            return NoAgent(
+                "no connected agent speaks agent protocol v2, which chat requests need",
+                retry_after=5,
+            )
         return NoAgent("no other agent is connected", retry_after=5)
 
     async def _wait(self, waiter: _Waiter, patience: float, expired: Exception) -> AgentSession:

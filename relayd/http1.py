@@ -6,7 +6,7 @@ through Hypercorn, whose per-request machinery (h11's state machine, a stream
 object, ASGI message dicts, a queue) was about half of the relay's CPU per
 request. Like :mod:`relayd.agents.upgrade`, this module need only be right
 about what it accepts: a request head it does not recognise as plain and
-well-formed raises :class:`NotSimple`, and the connection goes to Hypercorn
+well-formed raises :class:`NotPlainAsk`, and the connection goes to Hypercorn
 with every byte unread, to be answered exactly as it always was.
 
 Plain means: the request line is exactly ``POST /api/ask HTTP/1.1``; every
@@ -35,7 +35,7 @@ __all__ = [
     "REQUEST_LINES",
     "AskHead",
     "HttpDate",
-    "NotSimple",
+    "NotPlainAsk",
     "chunk",
     "event_stream_head",
     "may_be_ask",
@@ -64,7 +64,7 @@ _DECLINED = frozenset((b"transfer-encoding", b"upgrade"))
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
-class NotSimple(Exception):
+class NotPlainAsk(Exception):
     """A request for Hypercorn to parse and answer."""
 
 
@@ -98,19 +98,19 @@ _ALL_LINES = tuple(REQUEST_LINES)
 
 def _request_line(buffer: bytes | bytearray) -> bytes | None:
     """The one of :data:`REQUEST_LINES` that ``buffer`` starts with; None if it may
-    still become one (too short to tell); NotSimple if it cannot."""
+    still become one (too short to tell); NotPlainAsk if it cannot."""
     for line in _ALL_LINES:
         if buffer.startswith(line):
             return line
     if any(line.startswith(bytes(buffer)) for line in _ALL_LINES):
         return None
-    raise NotSimple
+    raise NotPlainAsk
 
 
 def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
     """The request head at the start of ``buffer``, or None if it is not complete yet.
 
-    Raises :class:`NotSimple` as soon as the bytes show that the request is
+    Raises :class:`NotPlainAsk` as soon as the bytes show that the request is
     not a plain ``POST /api/ask`` (see the module docstring), including a
     declared body over ``max_body``: Hypercorn's path answers that with its
     401 or 413, in the order the API documents.
@@ -123,13 +123,13 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
     # A bare LF can never be plain, and h11 would end the head at one (LF LF):
     # hand it over now rather than wait for a CRLF CRLF that may never come.
     if _BARE_LF.search(buffer, prefix, end + 4 if end >= 0 else len(buffer)):
-        raise NotSimple
+        raise NotPlainAsk
     if end < 0:
         if len(buffer) > MAX_HEAD:
-            raise NotSimple
+            raise NotPlainAsk
         return None
     if end + 4 > MAX_HEAD:
-        raise NotSimple
+        raise NotPlainAsk
     authorization: str | None = None
     length: int | None = None
     hosts = 0
@@ -141,16 +141,16 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
     for line in bytes(buffer[prefix:end]).split(b"\r\n") if end >= prefix else ():
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.fullmatch(name):
-            raise NotSimple  # includes obsolete line folding (a line starting with a space)
+            raise NotPlainAsk  # includes obsolete line folding (a line starting with a space)
         value = value.strip(b" \t")
         if _CONTROL.search(value):
-            raise NotSimple
+            raise NotPlainAsk
         name = name.lower()
         if name == b"authorization":
             authorization = value.decode("latin-1")
         elif name == b"content-length":
             if length is not None or not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
-                raise NotSimple
+                raise NotPlainAsk
             length = int(value)
         elif name == b"host":
             hosts += 1
@@ -164,12 +164,12 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
             idempotency_key = value.decode("latin-1")
         elif name == b"expect":
             if value.lower() != b"100-continue":
-                raise NotSimple
+                raise NotPlainAsk
             expects_continue = True
         elif name in _DECLINED:
-            raise NotSimple
+            raise NotPlainAsk
     if hosts != 1 or length is None or length > max_body:
-        raise NotSimple
+        raise NotPlainAsk
     return AskHead(
         authorization,
         end + 4,

@@ -4,7 +4,7 @@ Everything here reaches into Hypercorn internals (``TCPServer``, ``Lifespan``,
 ``WorkerContext``), so Hypercorn is pinned exactly in pyproject.toml, every
 private name relied on is checked by tests/test_hypercorn_contract.py, and
 each fix has a regression test (tests/test_hostile.py).
-:func:`serve` replaces ``hypercorn.trio.serve`` for plain-TCP and Unix
+:func:`serve_guarded` replaces ``hypercorn.trio.serve`` for plain-TCP and Unix
 listeners (relayd does not terminate TLS itself). What it fixes:
 
 1. **One bad request killed the process.** A WebSocket upgrade request with
@@ -91,14 +91,14 @@ from relayd.tls import TlsListener, TlsTerms
 __all__ = [
     "MAX_HEAD",
     "WRITE_TIMEOUT",
+    "ConnectionTerms",
     "GuardedTCPServer",
     "HandBack",
     "Lifecycle",
-    "ServerTerms",
     "Takeover",
     "WriteLimits",
     "read_some",
-    "serve",
+    "serve_guarded",
     "write_now",
 ]
 
@@ -270,7 +270,7 @@ class Lifecycle:
 
 
 @dataclass(frozen=True, slots=True)
-class ServerTerms:
+class ConnectionTerms:
     """What a connection a :class:`Takeover` serves must keep to, as Hypercorn's do."""
 
     writes: WriteLimits
@@ -301,15 +301,15 @@ class Takeover(Protocol):
     bytes already read, so declining is always safe.
     """
 
-    def wants(self, first_bytes: bytes) -> bool:
+    def might_serve(self, first_bytes: bytes) -> bool:
         """Whether to read the rest of the request head before deciding."""
 
-    def claim(
+    def server_for(
         self,
         head: bytes,
         stream: trio.abc.Stream,
         client: tuple[str, int] | None,
-        terms: ServerTerms,
+        terms: ConnectionTerms,
     ) -> Awaitable[HandBack | None] | None:
         """The coroutine that serves the connection, or None to leave it to Hypercorn.
 
@@ -350,7 +350,7 @@ class GuardedTCPServer(TCPServer):
         try:
             if self._takeovers:
                 head = await self._read_head()
-                served = self._claim(head)
+                served = self._takeover_for(head)
                 first: bytes | None = head  # b"": the peer closed or said nothing in time
                 if served is not None:
                     rest: HandBack | None = None
@@ -397,7 +397,7 @@ class GuardedTCPServer(TCPServer):
             proxies = self._proxy_protocol()
             if proxies is not None and proxies.trusts(self._peer()[0]):
                 data = await self._take_proxy_header(data)
-            if any(takeover.wants(data) for takeover in self._takeovers):
+            if any(takeover.might_serve(data) for takeover in self._takeovers):
                 while b"\r\n\r\n" not in data and len(data) < MAX_HEAD:
                     more = await read_some(self.stream, MAX_RECV)
                     if not more:
@@ -430,16 +430,16 @@ class GuardedTCPServer(TCPServer):
         peer = parse_socket_addr(socket.family, socket.getpeername())
         return peer if peer is not None else ("unix", 0)
 
-    def _claim(self, head: bytes) -> Awaitable[HandBack | None] | None:
+    def _takeover_for(self, head: bytes) -> Awaitable[HandBack | None] | None:
         """What serves the connection instead of Hypercorn, if a takeover claims it."""
-        wanting = [takeover for takeover in self._takeovers if takeover.wants(head)]
+        wanting = [takeover for takeover in self._takeovers if takeover.might_serve(head)]
         if not wanting:
             return None
         stream: trio.abc.Stream = self.stream
         client = self._client or self._peer()
         assert self._idle_since is not None  # no request has started yet
         life = self._life
-        terms = ServerTerms(
+        terms = ConnectionTerms(
             self._writes,
             self.config.keep_alive_timeout,
             lambda: life.stopping or self.context.terminated.is_set(),
@@ -447,7 +447,7 @@ class GuardedTCPServer(TCPServer):
             life,
         )
         for takeover in wanting:
-            served = takeover.claim(head, stream, client, terms)
+            served = takeover.server_for(head, stream, client, terms)
             if served is not None:
                 return served
         return None
@@ -626,7 +626,7 @@ def _bind_each(config: Config) -> list[socket.socket]:
     return made
 
 
-async def serve(
+async def serve_guarded(
     app: ASGIFramework,
     config: Config,
     *,

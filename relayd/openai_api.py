@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from relayd.ask import AnswerStream, Asked, JsonEndpoint, Reply, StreamSink
+from relayd.ask import AnswerStream, Asked, HttpReply, JsonEndpoint, StreamSink
 from relayd.dispatch import Answer, Question, new_uuid
 from relayd.errors import BadRequest, PayloadTooLarge, RelayError, UnknownModel
 from relayd.web import status_of
@@ -227,7 +227,7 @@ class ChatCompletionsEndpoint(JsonEndpoint):
         *,
         event_stream: bool,
         sink: StreamSink | None,
-    ) -> Reply | None:
+    ) -> HttpReply | None:
         config = self._state.config
         model = document.get("model")
         if model is not None and (not isinstance(model, str) or not model):
@@ -256,7 +256,7 @@ class ChatCompletionsEndpoint(JsonEndpoint):
         completion = _Completion(model or v1_model or "relayd")
         if sink is None or not (stream or (event_stream and document.get("stream") is None)):
             answer = await self._state.dispatcher.ask(question)
-            return Reply(200, json.dumps(completion.whole(answer)).encode(), [])
+            return HttpReply(200, json.dumps(completion.whole(answer)).encode(), [])
         chunks = _ChunkStream(sink, completion, self.error_body)
         streamed = await self.ask_streaming(question, chunks, asked)
         if streamed is not None:

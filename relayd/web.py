@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import logging
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -41,6 +41,7 @@ from relayd.users import User
 
 __all__ = [
     "STATUS",
+    "Caller",
     "Gate",
     "error_body",
     "optional_string",
@@ -162,6 +163,13 @@ def redact_path(path: str) -> str:
     )
 
 
+class Caller(NamedTuple):
+    """Who is asking, once their credentials are checked."""
+
+    user: User | None  # None for the admin key
+    log_id: str  # the id the log shows: the user's id, or "admin"
+
+
 class Gate:
     """Credential checks for HTTP routes, with failure throttling (:mod:`relayd.throttle`).
 
@@ -186,18 +194,18 @@ class Gate:
         log.info("authentication failed: %s remote=%s path=%s", message, address, redact_path(path))
         return Unauthorized(message)
 
-    def user(self, header: str | None, address: str, path: str) -> tuple[User | None, str]:
+    def user(self, header: str | None, address: str, path: str) -> Caller:
         """``(user, user id for logs)`` for a user token or the admin key (user None)."""
         token = token_from_header(header)
         if token is not None:
             user = self._state.users.authenticate(token)  # one hash, one lookup
             if user is not None:
-                return user, user.user_id
+                return Caller(user, user.user_id)
         self._check_throttle(address)
         if token is None:
             raise self._failed("missing Authorization header (a user token)", address, path)
         if self._state.admin.verify(token):
-            return None, "admin"
+            return Caller(None, "admin")
         raise self._failed("invalid token", address, path)
 
     def admin(self, candidates: list[str], address: str, path: str) -> None:

@@ -25,11 +25,11 @@ import pytest
 import trio
 import trio.testing
 
-from relayd.ask import DISCARD_WAIT, AskEndpoint, Caller, Reply
+from relayd.ask import DISCARD_WAIT, AskEndpoint, Caller, HttpReply
 from relayd.ask_wire import AskConnection, AskWire
 from relayd.errors import Unauthorized
 from relayd.http1 import CONTINUE, HttpDate
-from relayd.hypercorn_fixes import WRITE_TIMEOUT, ServerTerms, WriteLimits
+from relayd.hypercorn_fixes import WRITE_TIMEOUT, ConnectionTerms, WriteLimits
 from tests.raw_http import RawClient, Response
 
 KEEP_ALIVE = 10.0  # the connection's keep_alive_timeout (virtual seconds)
@@ -65,7 +65,7 @@ class Call:
 class FakeEndpoint:
     """Stands in for :class:`relayd.ask.AskEndpoint`.
 
-    Answers ``Reply(200, {"n": <call index>, "body": ..., "authorization": ...},
+    Answers ``HttpReply(200, {"n": <call index>, "body": ..., "authorization": ...},
     [(b"x-call", <index>)])`` unless ``replies`` holds the reply to give; a call
     whose index is in ``holds`` waits for that event first; ``error`` is raised
     instead of answering. A stalled body is refused with AskEndpoint's own 408.
@@ -84,7 +84,7 @@ class FakeEndpoint:
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
-        self.replies: dict[int, Reply] = {}
+        self.replies: dict[int, HttpReply] = {}
         self.holds: dict[int, trio.Event] = {}
         self.error: Exception | None = None
         self.called = trio.Event()  # set, and replaced, at every call
@@ -109,7 +109,7 @@ class FakeEndpoint:
         event_stream: bool = False,
         sink: object = None,
         idempotency_key: str | None = None,
-    ) -> Reply:
+    ) -> HttpReply:
         assert isinstance(body, bytes)  # the wire path reads the body first
         index = len(self.calls)
         call = Call(authorization, address, body, caller)
@@ -130,7 +130,7 @@ class FakeEndpoint:
         if index in self.replies:
             return self.replies[index]
         document = {"n": index, "body": body.decode(), "authorization": authorization}
-        return Reply(200, json.dumps(document).encode(), [(b"x-call", str(index).encode())])
+        return HttpReply(200, json.dumps(document).encode(), [(b"x-call", str(index).encode())])
 
     def hold(self, index: int) -> trio.Event:
         """Make call ``index`` wait for the returned event."""
@@ -197,8 +197,8 @@ class Setup:
     client: RawClient
     stopping: list[bool]
 
-    def terms(self, keep_alive: float = KEEP_ALIVE) -> ServerTerms:
-        return ServerTerms(
+    def terms(self, keep_alive: float = KEEP_ALIVE) -> ConnectionTerms:
+        return ConnectionTerms(
             WriteLimits(),
             keep_alive_timeout=keep_alive,
             stopping=self.is_stopping,
@@ -281,7 +281,7 @@ def assert_answer(response: Response, index: int, body: bytes, *, close: bool = 
 async def test_two_requests_on_one_connection_are_answered_in_order(
     setup: Setup, autojump_clock: trio.testing.MockClock
 ) -> None:
-    setup.endpoint.replies[1] = Reply(
+    setup.endpoint.replies[1] = HttpReply(
         503, b'{"error": "no agent connected"}', [(b"retry-after", b"5")]
     )
     first, second = b'{"content": "one"}', b'{"content": "two"}'
@@ -413,10 +413,10 @@ async def test_a_request_arriving_during_an_answer_is_handed_back_after_it(
 
 def test_wants_the_ask_request_line() -> None:
     wire = AskWire({"/api/ask": cast(AskEndpoint, FakeEndpoint())})
-    assert wire.wants(b"POST /api/ask HTTP/1.1\r\nHost: x\r\n")
-    assert not wire.wants(b"POST /api/ask")  # the request line is not complete
-    assert not wire.wants(HEALTH)
-    assert not wire.wants(b"GET /client/register HTTP/1.1\r\n")
+    assert wire.might_serve(b"POST /api/ask HTTP/1.1\r\nHost: x\r\n")
+    assert not wire.might_serve(b"POST /api/ask")  # the request line is not complete
+    assert not wire.might_serve(HEALTH)
+    assert not wire.might_serve(b"GET /client/register HTTP/1.1\r\n")
 
 
 @pytest.mark.parametrize(
@@ -434,7 +434,9 @@ async def test_claim_leaves_a_request_that_is_not_plain(
     setup: Setup, autojump_clock: trio.testing.MockClock, head: bytes
 ) -> None:
     wire = AskWire({"/api/ask": cast(AskEndpoint, setup.endpoint)})
-    assert wire.claim(head, cast(trio.SocketStream, setup.server), CLIENT, setup.terms()) is None
+    assert (
+        wire.server_for(head, cast(trio.SocketStream, setup.server), CLIENT, setup.terms()) is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -446,7 +448,7 @@ async def test_claim_takes_a_plain_request(
     setup: Setup, autojump_clock: trio.testing.MockClock, head: bytes
 ) -> None:
     wire = AskWire({"/api/ask": cast(AskEndpoint, setup.endpoint)})
-    served = wire.claim(head, cast(trio.SocketStream, setup.server), CLIENT, setup.terms())
+    served = wire.server_for(head, cast(trio.SocketStream, setup.server), CLIENT, setup.terms())
     assert inspect.iscoroutine(served)
     served.close()
     assert setup.endpoint.calls == []
@@ -457,7 +459,7 @@ async def test_a_claimed_connection_is_served(
 ) -> None:
     wire = AskWire({"/api/ask": cast(AskEndpoint, setup.endpoint)})
     request = ask(b"claimed", extra=b"Connection: close\r\n")
-    served = wire.claim(request, cast(trio.SocketStream, setup.server), None, setup.terms())
+    served = wire.server_for(request, cast(trio.SocketStream, setup.server), None, setup.terms())
     assert served is not None
     with trio.fail_after(LIMIT):
         assert await served is None
@@ -968,7 +970,7 @@ async def test_a_client_that_never_reads_loses_the_connection_by_the_write_deadl
 ) -> None:
     server, client = trio.testing.lockstep_stream_pair()  # a write waits for a read
     endpoint = FakeEndpoint()
-    terms = ServerTerms(
+    terms = ConnectionTerms(
         WriteLimits(), keep_alive_timeout=KEEP_ALIVE, stopping=lambda: False, idle_since=0.0
     )
     connection = AskConnection(cast(AskEndpoint, endpoint), server, CLIENT, terms, HttpDate())

@@ -3,7 +3,7 @@
 * :func:`parse_ask_head` accepts a plain ``POST /api/ask HTTP/1.1`` head and
   says where its body starts and ends, whether the client keeps the connection
   alive and whether it waits for ``100 Continue``; it returns None while the
-  head is incomplete, and raises :class:`NotSimple` as soon as the bytes show a
+  head is incomplete, and raises :class:`NotPlainAsk` as soon as the bytes show a
   request Hypercorn must serve instead (one case per way of not being plain).
 * :func:`response_bytes` writes whole JSON responses, byte for byte.
 * :class:`HttpDate` formats the ``Date`` header (RFC 7231) once a second.
@@ -25,7 +25,7 @@ from relayd.http1 import (
     MAX_HEAD,
     AskHead,
     HttpDate,
-    NotSimple,
+    NotPlainAsk,
     may_be_ask,
     parse_ask_head,
     response_bytes,
@@ -208,7 +208,7 @@ def test_a_tab_in_a_value_is_allowed() -> None:
 )
 def test_any_other_request_line_is_not_simple(request_line: bytes) -> None:
     request = head(b"Host: x", b"Content-Length: 2", request_line=request_line) + b"{}"
-    with pytest.raises(NotSimple):
+    with pytest.raises(NotPlainAsk):
         parse_ask_head(request, MAX_BODY)
     assert not may_be_ask(request)
 
@@ -225,7 +225,7 @@ def test_any_other_request_line_is_not_simple(request_line: bytes) -> None:
     ],
 )
 def test_a_prefix_that_already_differs_raises_at_once(first_bytes: bytes) -> None:
-    with pytest.raises(NotSimple):
+    with pytest.raises(NotPlainAsk):
         parse_ask_head(first_bytes, MAX_BODY)
 
 
@@ -287,7 +287,7 @@ HOST = b"Host: x"
     ],
 )
 def test_headers_that_are_not_plain(lines: list[bytes]) -> None:
-    with pytest.raises(NotSimple):
+    with pytest.raises(NotPlainAsk):
         parse_ask_head(head(*lines) + b"{}", MAX_BODY)
 
 
@@ -309,9 +309,9 @@ def test_a_complete_head_of_max_head_bytes_is_accepted() -> None:
 
 
 def test_a_complete_head_over_max_head_is_not_simple() -> None:
-    with pytest.raises(NotSimple):
+    with pytest.raises(NotPlainAsk):
         parse_ask_head(padded(MAX_HEAD + 1), MAX_BODY)
-    with pytest.raises(NotSimple):
+    with pytest.raises(NotPlainAsk):
         parse_ask_head(padded(MAX_HEAD + 1) + BODY, MAX_BODY)
 
 
@@ -324,14 +324,14 @@ def test_an_incomplete_head_up_to_max_head_waits() -> None:
 def test_an_incomplete_head_longer_than_max_head_is_not_simple() -> None:
     buffer = padded(MAX_HEAD + 1, complete=False)
     assert len(buffer) == MAX_HEAD + 1 and b"\r\n\r\n" not in buffer
-    with pytest.raises(NotSimple):
+    with pytest.raises(NotPlainAsk):
         parse_ask_head(buffer, MAX_BODY)
 
 
 def test_a_content_length_of_thousands_of_digits_is_not_simple() -> None:
     """Hypercorn answers such a request with a 400; the wire path must hand it
-    over (NotSimple), not fail with a ValueError that closes the connection."""
-    with pytest.raises(NotSimple):
+    over (NotPlainAsk), not fail with a ValueError that closes the connection."""
+    with pytest.raises(NotPlainAsk):
         parse_ask_head(head(HOST, b"Content-Length: " + b"0" * 5000 + b"2") + b"{}", MAX_BODY)
 
 

@@ -53,10 +53,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from relayd.agents.upgrade import AgentUpgrade, parse_agent_upgrade
-from relayd.ask import AskEndpoint, Caller, JsonEndpoint, Reply
+from relayd.ask import AskEndpoint, Caller, HttpReply, JsonEndpoint
 from relayd.ask_wire import AskConnection
-from relayd.http1 import MAX_HEAD, REQUEST_LINES, AskHead, HttpDate, NotSimple, parse_ask_head
-from relayd.hypercorn_fixes import ServerTerms, WriteLimits
+from relayd.http1 import MAX_HEAD, REQUEST_LINES, AskHead, HttpDate, NotPlainAsk, parse_ask_head
+from relayd.hypercorn_fixes import ConnectionTerms, WriteLimits
 
 # Generous, and still about 2 s of CPU per test: generating an example takes a few
 # milliseconds, checking it much less.
@@ -225,7 +225,7 @@ def serve_on_the_wire(data: bytes, max_body: int) -> WireRun:
         inbox = bytearray(data[offset:])
         try:
             head = parse_ask_head(inbox, max_body)
-        except NotSimple:
+        except NotPlainAsk:
             assert inbox == data[offset:]
             return WireRun(served, "hand-back", offset)
         assert inbox == data[offset:]  # nothing consumed
@@ -345,7 +345,7 @@ def could_become_plain(buffer: bytes, max_body: int) -> bool:
             try:
                 if parse_ask_head(buffer + line_end + missing + b"\r\n", max_body):
                     return True
-            except NotSimple:
+            except NotPlainAsk:
                 pass
     return False
 
@@ -851,10 +851,10 @@ class RecordingEndpoint:
 
     async def answer(
         self, authorization: str | None, address: str, body: bytes, **options: object
-    ) -> Reply:
+    ) -> HttpReply:
         self.bodies.append(body)
         await trio.lowlevel.checkpoint()
-        return Reply(200, b"{}", [])
+        return HttpReply(200, b"{}", [])
 
 
 def serve_for_real(data: bytes, max_body: int) -> tuple[list[bytes], bytes | None]:
@@ -866,7 +866,7 @@ def serve_for_real(data: bytes, max_body: int) -> tuple[list[bytes], bytes | Non
         server, client = trio.testing.memory_stream_pair()
         endpoint = RecordingEndpoint(max_body)
         endpoints = {path: cast(JsonEndpoint, endpoint) for path in REQUEST_LINES.values()}
-        terms = ServerTerms(WriteLimits(), 10.0, lambda: False, trio.current_time())
+        terms = ConnectionTerms(WriteLimits(), 10.0, lambda: False, trio.current_time())
         connection = AskConnection(endpoints, server, ("192.0.2.1", 1), terms, HttpDate())
 
         async def read_answers() -> None:
@@ -922,8 +922,8 @@ MIXED_LINE_ENDS = ASK_LINES[0] + b"Host: x\r\nContent-Length: 2\r\n\n{}"
 # recipient take a bare LF for a line end), so Hypercorn would answer such a
 # request at once (or refuse it with a 400 at once, e.g. ASK_LINES[0] + b"\n",
 # which has no Host). The wire path instead waits: GuardedTCPServer._read_head
-# reads on for a CRLF CRLF, AskWire.claim takes the connection (None is not
-# NotSimple), and AskConnection._next_head waits for the rest of the idle
+# reads on for a CRLF CRLF, AskWire.server_for takes the connection (None is not
+# NotPlainAsk), and AskConnection._next_head waits for the rest of the idle
 # allowance, then closes the connection without an answer. On a real relayd
 # (defaults, idle_timeout 10 s) MIXED_LINE_ENDS with a valid token got nothing
 # for 10.0 s, then EOF; the same bytes with the target /api/ask?x=1 (served by

@@ -10,7 +10,7 @@ stream, :func:`~relayd.openai_api.openai_error` and
 dispatcher that records the :class:`~relayd.dispatch.Question` and answers as
 the test says (whole, in pieces, or failing), and a sink that records what a
 stream writes. Requests go through ``JsonEndpoint.answer`` with the credentials
-already checked (``caller``), so a failure comes back as the :class:`Reply` the
+already checked (``caller``), so a failure comes back as the :class:`HttpReply` the
 client would get. Virtual time throughout (``autojump_clock``).
 
 The same surface against a real relayd, real agents and the official ``openai``
@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import trio
 
-from relayd.ask import ClientGone, Reply
+from relayd.ask import ClientGone, HttpReply
 from relayd.config import Config, parse_config
 from relayd.dispatch import Answer, Question
 from relayd.errors import (
@@ -163,9 +163,9 @@ async def post(
     sink: FakeSink | None = None,
     event_stream: bool = False,
     user: object = None,
-) -> Reply | None:
+) -> HttpReply | None:
     """``document`` as a request body, the credentials already checked (the admin
-    key unless ``user``): the Reply, or None once streamed into ``sink``."""
+    key unless ``user``): the HttpReply, or None once streamed into ``sink``."""
     body = document if isinstance(document, bytes) else json.dumps(document).encode()
     caller = (user, "admin" if user is None else "user-1")
     with trio.fail_after(LIMIT):
@@ -179,7 +179,7 @@ async def post(
         )
 
 
-def error_of(reply: Reply | None) -> tuple[int, dict[str, Any]]:
+def error_of(reply: HttpReply | None) -> tuple[int, dict[str, Any]]:
     assert reply is not None
     document = json.loads(reply.body)
     assert set(document) == {"error"}, document

@@ -42,7 +42,7 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, Tex
 from relayd.agents.wire import (
     CLOSE_WAIT,
     FrameError,
-    NotSimple,
+    NotSimpleFrame,
     WireTransport,
     parse_simple_frame,
     text_frame,
@@ -778,7 +778,7 @@ def test_a_simple_frame_parses_to_what_the_client_sent(text: str) -> None:
 def test_arbitrary_bytes_never_break_the_simple_frame_parser(data: bytes) -> None:
     try:
         parsed = parse_simple_frame(bytearray(data), 1 << 20)
-    except (NotSimple, FrameError):
+    except (NotSimpleFrame, FrameError):
         return
     if parsed is not None:
         text, used = parsed
@@ -803,7 +803,7 @@ def test_arbitrary_bytes_never_break_the_simple_frame_parser(data: bytes) -> Non
     ids=["binary", "fragment", "ping", "close", "rsv", "unmasked", "long-length"],
 )
 def test_frames_that_are_not_simple_go_to_wsproto(frame: bytes) -> None:
-    with pytest.raises(NotSimple):
+    with pytest.raises(NotSimpleFrame):
         parse_simple_frame(bytearray(frame), 1 << 20)
 
 

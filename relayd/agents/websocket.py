@@ -34,7 +34,7 @@ from relayd.agents.upgrade import (
 )
 from relayd.agents.wire import WireTransport
 from relayd.asgi import Receive, Scope, Send
-from relayd.hypercorn_fixes import ServerTerms, WriteLimits
+from relayd.hypercorn_fixes import ConnectionTerms, WriteLimits
 from relayd.protocol import CloseCode
 from relayd.protocol.v2 import SUBPROTOCOL
 from relayd.proxies import TrustedProxies
@@ -123,7 +123,7 @@ class Refusal:
 class AgentEndpoint:
     """``/client/register`` and ``/agent/<key>/client/register``.
 
-    Served two ways: :meth:`claim` takes an agent's connection from the server
+    Served two ways: :meth:`server_for` takes an agent's connection from the server
     loop and runs it on the wire path (:mod:`relayd.agents.wire`, the usual
     case); calling the endpoint as an ASGI app serves an upgrade that reached
     Hypercorn instead (one sent after another request on a keep-alive
@@ -171,15 +171,15 @@ class AgentEndpoint:
 
     # -- the wire path (hypercorn_fixes.Takeover) ------------------------------------
 
-    def wants(self, first_bytes: bytes) -> bool:
+    def might_serve(self, first_bytes: bytes) -> bool:
         return may_be_agent_upgrade(first_bytes)
 
-    def claim(
+    def server_for(
         self,
         head: bytes,
         stream: trio.abc.Stream,
         client: tuple[str, int] | None,
-        terms: ServerTerms,
+        terms: ConnectionTerms,
     ) -> Awaitable[None] | None:
         """Serve an agent's connection directly, if ``head`` is a clean agent upgrade.
 

@@ -59,7 +59,7 @@ class FrameError(Exception):
         self.reason = reason
 
 
-class NotSimple(Exception):
+class NotSimpleFrame(Exception):
     """A frame for wsproto to parse."""
 
 
@@ -81,7 +81,7 @@ def parse_simple_frame(buffer: bytearray, max_message: int) -> tuple[str, int] |
     Simple: a whole text message in one masked frame (what agents send, pongs
     and replies alike). Parsed here in a few operations instead of wsproto's
     general frame machinery, which was a large share of an idle agent's cost per
-    pong. Raises :class:`NotSimple` for anything else (control frames,
+    pong. Raises :class:`NotSimpleFrame` for anything else (control frames,
     fragments, binary, reserved bits, an unmasked frame, a length not encoded
     minimally), which wsproto then parses with every check of RFC 6455, and
     :class:`FrameError` for a message over ``max_message`` characters (1009) or
@@ -90,7 +90,7 @@ def parse_simple_frame(buffer: bytearray, max_message: int) -> tuple[str, int] |
     if len(buffer) < 2:
         return None
     if buffer[0] != 0x81 or buffer[1] < 0x80:  # FIN + text, no RSV; masked
-        raise NotSimple
+        raise NotSimpleFrame
     length = buffer[1] & 0x7F
     start = 2
     if length == 126:
@@ -99,14 +99,14 @@ def parse_simple_frame(buffer: bytearray, max_message: int) -> tuple[str, int] |
         length = int.from_bytes(buffer[2:4], "big")
         start = 4
         if length < 126:
-            raise NotSimple
+            raise NotSimpleFrame
     elif length == 127:
         if len(buffer) < 10:
             return None
         length = int.from_bytes(buffer[2:10], "big")
         start = 10
         if length < 65536 or length >= 1 << 63:
-            raise NotSimple
+            raise NotSimpleFrame
     if length > 4 * max_message:  # more than max_message characters, whatever they are
         raise FrameError(CloseReason.MESSAGE_TOO_BIG, "message too big")
     end = start + 4 + length
@@ -254,7 +254,7 @@ class WireTransport:
                 self.on_pong()
         try:
             parsed = parse_simple_frame(self._inbox, self._max_message)
-        except NotSimple:
+        except NotSimpleFrame:
             self._hand_to_wsproto()
             return None
         if parsed is None:

@@ -9,7 +9,7 @@ there; relayd serves ``/api/ask`` keep-alive connections on its own loop
 (:mod:`relayd.ask_wire`), so its relay scenarios can pass it.
 
 It serves with ``hypercorn.trio.serve`` and the Hypercorn settings relayd uses
-(``--server guarded`` serves with relayd's own :func:`relayd.hypercorn_fixes.serve`
+(``--server guarded`` serves with relayd's own :func:`relayd.hypercorn_fixes.serve_guarded`
 instead, to see what those fixes cost), says ``READY=1`` to ``$NOTIFY_SOCKET``
 once listening, and stops on SIGTERM or SIGINT.
 """
@@ -120,10 +120,10 @@ async def _serve(bind: str, guarded: bool) -> None:
     ):
         async with trio.open_nursery() as nursery:
             if guarded:
-                from relayd.hypercorn_fixes import serve as guarded_serve
+                from relayd.hypercorn_fixes import serve_guarded
 
                 await nursery.start(
-                    lambda task_status: guarded_serve(
+                    lambda task_status: serve_guarded(
                         framework, config, shutdown_trigger=stop.wait, task_status=task_status
                     )
                 )
