@@ -97,7 +97,7 @@ class FakeEndpoint:
         self.checked.append(authorization)
         if authorization == "bad":
             raise Unauthorized("invalid token")
-        return None, f"user-{authorization}"
+        return Caller(None, f"user-{authorization}")
 
     async def answer(
         self,

@@ -844,7 +844,7 @@ class RecordingEndpoint:
         self.bodies: list[bytes] = []
 
     def caller(self, authorization: str | None, address: str) -> Caller:
-        return None, "user"
+        return Caller(None, "user")
 
     def client_address(self, peer: str, forwarded_for: tuple[bytes, ...]) -> str:
         return peer
