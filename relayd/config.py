@@ -35,6 +35,8 @@ __all__ = [
     "ConversationsConfig",
     "RequestsConfig",
     "ServerConfig",
+    "bound_text",
+    "convert_scalar",
     "format_duration",
     "format_size",
     "load_config",
@@ -324,58 +326,64 @@ def _type_name(value: Any) -> str:
     return _TOML_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def _convert(key: Key, value: Any) -> Any:
-    """Turn one TOML value into its typed form; raise ValueError with what was expected."""
-    kind = key.kind
+def convert_scalar(kind: str, value: Any, *, size_example: str = '"1MiB"') -> Any:
+    """One TOML value of a scalar kind (duration, size, int, bool, or a string:
+    str, path, level) in its typed form; ValueError says what was expected.
+
+    Shared by relayd's config and ``relayd agent``'s, so that both files
+    refuse the same mistakes with the same words.
+    """
     if kind in ("duration", "size"):
         if not isinstance(value, str):
-            unit = '"30s"' if kind == "duration" else '"1MiB"'
+            unit = '"30s"' if kind == "duration" else size_example
             raise ValueError(f"a {kind} string such as {unit}, got {_type_name(value)}")
-        result: Any = parse_duration(value) if kind == "duration" else parse_size(value)
-    elif kind == "int":
+        return parse_duration(value) if kind == "duration" else parse_size(value)
+    if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"an integer, got {_type_name(value)}")
-        result = value
-    elif kind == "bool":
+        return value
+    if kind == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"true or false, got {_type_name(value)}")
-        result = value
-    elif kind in ("str", "path", "level"):
-        if not isinstance(value, str) or not value:
-            raise ValueError(
-                f"a non-empty string, got {_type_name(value) if value != '' else 'an empty string'}"
-            )
-        if "\x00" in value:
-            raise ValueError("a string without NUL characters")
-        if kind == "level":
-            if value.lower() not in LOG_LEVELS:
-                raise ValueError(f"one of {', '.join(LOG_LEVELS)}, got {value!r}")
-            result = value.lower()
-        else:
-            result = Path(value) if kind == "path" else value
-    elif kind == "str-list":
+        return value
+    if not isinstance(value, str) or not value:
+        shown = "an empty string" if value == "" else _type_name(value)
+        raise ValueError(f"a non-empty string, got {shown}")
+    if "\x00" in value:
+        raise ValueError("a string without NUL characters")
+    if kind == "level":
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return value.lower()
+    return Path(value) if kind == "path" else value
+
+
+def bound_text(kind: str, bound: float) -> str:
+    """A minimum or maximum as the config file would write it."""
+    if kind == "duration":
+        return format_duration(bound)
+    if kind == "size":
+        return format_size(int(bound))
+    return str(int(bound))
+
+
+def _convert(key: Key, value: Any) -> Any:
+    """Turn one TOML value into its typed form; raise ValueError with what was expected."""
+    if key.kind == "str-list":
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
             raise ValueError("an array of non-empty strings")
-        result = tuple(value)
-    else:  # pragma: no cover - the schema is ours
-        raise AssertionError(kind)
+        result: Any = tuple(value)
+    else:
+        result = convert_scalar(key.kind, value)
     if key.minimum is not None and result < key.minimum:
-        raise ValueError(f"at least {_bound(key, key.minimum)}, got {value!r}")
+        raise ValueError(f"at least {bound_text(key.kind, key.minimum)}, got {value!r}")
     if key.maximum is not None and result > key.maximum:
-        raise ValueError(f"at most {_bound(key, key.maximum)}, got {value!r}")
+        raise ValueError(f"at most {bound_text(key.kind, key.maximum)}, got {value!r}")
     if key.check is not None:
         problem = key.check(result)
         if problem:
             raise ValueError(problem)
     return result
-
-
-def _bound(key: Key, bound: float) -> str:
-    if key.kind == "duration":
-        return format_duration(bound)
-    if key.kind == "size":
-        return format_size(int(bound))
-    return str(int(bound))
 
 
 def parse_config(document: Mapping[str, Any], *, source: str = "<defaults>") -> Config:

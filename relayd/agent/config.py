@@ -28,12 +28,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from relayd.config import (
-    LOG_LEVELS,
     ConfigError,
-    format_duration,
-    format_size,
-    parse_duration,
-    parse_size,
+    bound_text,
+    convert_scalar,
     read_problem,
 )
 from relayd.protocol.v2 import MAX_CAPACITY, MAX_MODEL_ID, MAX_MODELS
@@ -137,20 +134,6 @@ class AgentSettings:
 # -- values ------------------------------------------------------------------------------
 
 
-_TOML_TYPE_NAMES = {
-    bool: "a boolean",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    list: "an array",
-    dict: "a table",
-}
-
-
-def _type_name(value: Any) -> str:
-    return _TOML_TYPE_NAMES.get(type(value), type(value).__name__)
-
-
 def _url(value: str, schemes: tuple[str, ...]) -> str:
     try:
         parts = urlsplit(value)
@@ -169,20 +152,7 @@ def _convert(setting: Setting, value: Any) -> Any:
     """One TOML value in its typed form; ValueError says what was expected."""
     kind = setting.kind
     result: Any
-    if kind in ("duration", "size"):
-        if not isinstance(value, str):
-            unit = '"30s"' if kind == "duration" else '"64MiB"'
-            raise ValueError(f"a {kind} string such as {unit}, got {_type_name(value)}")
-        result = parse_duration(value) if kind == "duration" else parse_size(value)
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"an integer, got {_type_name(value)}")
-        result = value
-    elif kind == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(f"true or false, got {_type_name(value)}")
-        result = value
-    elif kind == "str-list":
+    if kind == "str-list":
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
             raise ValueError("an array of non-empty strings")
         if len(value) > MAX_MODELS:
@@ -191,37 +161,16 @@ def _convert(setting: Setting, value: Any) -> Any:
             if len(item) > MAX_MODEL_ID or any(not c.isprintable() for c in item):
                 raise ValueError(f"model names of at most {MAX_MODEL_ID} printable characters")
         result = tuple(dict.fromkeys(value))  # in order, without repeats
-    else:  # a string of some kind
-        if not isinstance(value, str) or not value:
-            shown = "an empty string" if value == "" else _type_name(value)
-            raise ValueError(f"a non-empty string, got {shown}")
-        if "\x00" in value:
-            raise ValueError("a string without NUL characters")
-        if kind == "level":
-            if value.lower() not in LOG_LEVELS:
-                raise ValueError(f"one of {', '.join(LOG_LEVELS)}, got {value!r}")
-            result = value.lower()
-        elif kind == "ws":
-            result = _url(value, ("ws", "wss"))
-        elif kind == "http":
-            result = _url(value, ("http", "https"))
-        elif kind == "path":
-            result = Path(value)
-        else:
-            result = value
+    elif kind in ("ws", "http"):
+        text = convert_scalar("str", value)
+        result = _url(text, ("ws", "wss") if kind == "ws" else ("http", "https"))
+    else:
+        result = convert_scalar(kind, value, size_example='"64MiB"')
     if setting.minimum is not None and result < setting.minimum:
-        raise ValueError(f"at least {_bound(setting, setting.minimum)}, got {value!r}")
+        raise ValueError(f"at least {bound_text(setting.kind, setting.minimum)}, got {value!r}")
     if setting.maximum is not None and result > setting.maximum:
-        raise ValueError(f"at most {_bound(setting, setting.maximum)}, got {value!r}")
+        raise ValueError(f"at most {bound_text(setting.kind, setting.maximum)}, got {value!r}")
     return result
-
-
-def _bound(setting: Setting, bound: float) -> str:
-    if setting.kind == "duration":
-        return format_duration(bound)
-    if setting.kind == "size":
-        return format_size(int(bound))
-    return str(int(bound))
 
 
 def option_name(key: str) -> str:
