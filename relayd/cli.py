@@ -38,6 +38,7 @@ from relayd.config import (
     load_config,
     plural,
 )
+from relayd.errors import leaf_exceptions
 from relayd.locate import (
     AdminKeyError,
     find_admin_key,
@@ -390,20 +391,10 @@ def _run_daemon(daemon: Daemon) -> int:
     try:
         trio.run(daemon.run)
     except* OSError as group:
-        for error in _leaves(group):
+        for error in leaf_exceptions(group):
             log.error("cannot serve: %s", error)
         failed = True
     return EXIT_ERROR if failed else EXIT_OK
-
-
-def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
-    found: list[OSError] = []
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            found.extend(_leaves(error))
-        else:
-            found.append(error)
-    return found
 
 
 def check_config(args: argparse.Namespace, environ: dict[str, str]) -> int:

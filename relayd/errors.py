@@ -8,6 +8,7 @@ one becomes is the API's business (``relayd.api.STATUS``), not theirs.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 __all__ = [
     "AgentFailed",
@@ -30,6 +31,7 @@ __all__ = [
     "UnknownModel",
     "Unprocessable",
     "body_late",
+    "leaf_exceptions",
     "retry_after_header",
 ]
 
@@ -133,3 +135,19 @@ class AgentFailed(RelayError):
 
 class AgentTimeout(RelayError):
     default_message = "the agent did not answer in time"
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def leaf_exceptions(group: BaseExceptionGroup[_E]) -> list[_E]:
+    """The exceptions in ``group`` and its nested groups, for one log line each:
+    an error from deep in the nurseries reaches ``except*`` wrapped once per
+    nursery it crossed."""
+    found: list[_E] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            found.extend(leaf_exceptions(error))
+        else:
+            found.append(error)
+    return found

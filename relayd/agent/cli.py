@@ -33,6 +33,7 @@ from relayd.agent.config import (
 from relayd.agent.history import StoreError
 from relayd.agentkit import RelayRefusedV2
 from relayd.config import LOG_LEVELS, ConfigError
+from relayd.errors import leaf_exceptions
 from relayd.locate import prepare_state_dir
 from relayd.systemd import Notifier
 
@@ -187,24 +188,14 @@ def _run(service: AgentService) -> int:
     try:
         trio.run(service.run)
     except* (ConfigError, StoreError) as group:
-        for error in _leaves(group):
+        for error in leaf_exceptions(group):
             log.error("%s", error)
         failed = True
     except* RelayRefusedV2 as group:
-        for error in _leaves(group):
+        for refusal in leaf_exceptions(group):
             log.error(
                 "the relay does not speak protocol v2 (%s); relayd agent needs a newer relayd",
-                error,
+                refusal,
             )
         failed = True
     return EXIT_ERROR if failed else EXIT_OK
-
-
-def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
-    found: list[Exception] = []
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            found.extend(_leaves(error))
-        else:
-            found.append(error)
-    return found
