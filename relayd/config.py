@@ -44,6 +44,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "read_problem",
+    "read_toml",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.toml")
@@ -465,6 +466,13 @@ def load_config(path: Path | None) -> Config:
     if path is None:
         return parse_config({})
     source = str(path)
+    return parse_config(read_toml(path), source=source)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML document in ``path``; ConfigError (naming the file) when it cannot
+    be read, is not UTF-8, or is not TOML (tomllib's message has the line)."""
+    source = str(path)
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
@@ -472,11 +480,9 @@ def load_config(path: Path | None) -> Config:
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read the file: {read_problem(error)}", source=source) from None
     try:
-        document = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        # tomllib's messages end with "(at line N, column M)".
         raise ConfigError(f"invalid TOML: {error}", source=source) from None
-    return parse_config(document, source=source)
 
 
 def read_problem(error: Exception) -> str:

@@ -49,15 +49,15 @@ from relayd.persist import Change, StateFile, StoredAnswer, answer_row, conversa
 from relayd.protocol import CloseCode
 from relayd.proxies import TrustedProxies
 from relayd.state import RelayState, Snapshot, load_agent_keys
+from relayd.stopping import HARD_STOP_MARGIN, hard_stop_after
 from relayd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
 from relayd.tls import TlsTerms, find_tls_files, tls_context
 from relayd.users import UserStoreError, UserTable
 
-__all__ = ["HARD_STOP_MARGIN", "Daemon", "hypercorn_config", "tune_gc"]
+__all__ = ["Daemon", "hypercorn_config", "tune_gc"]
 
 log = logging.getLogger("relayd")
 
-HARD_STOP_MARGIN = 5.0
 STATUS_INTERVAL = 5.0
 # After the drain, what is left of a connection gets this long to finish.
 HYPERCORN_GRACE = 2.0
@@ -383,20 +383,8 @@ class Daemon:
             session.request_close(CloseCode.GOING_AWAY, "relayd is shutting down")
 
     async def _hard_stop_timer(self, signals: AsyncIterator[int]) -> None:
-        """End the process if the drain overruns, or on a second signal."""
-        deadline = self.state.config.server.shutdown_grace + HYPERCORN_GRACE + HARD_STOP_MARGIN
-        with trio.move_on_after(deadline):
-            async for signum in signals:
-                if signum != signal.SIGHUP:
-                    log.warning("second %s: exiting now", signal.Signals(signum).name)
-                    _exit_now(1)
-            return
-        log.error("drain did not finish within %.0fs: exiting now", deadline)
-        _exit_now(1)
-
-
-def _exit_now(code: int) -> None:
-    """Leave without unwinding: only for a forced stop (the state files are
-    written atomically, so nothing is torn)."""
-    logging.shutdown()
-    os._exit(code)
+        await hard_stop_after(
+            self.state.config.server.shutdown_grace + HYPERCORN_GRACE + HARD_STOP_MARGIN,
+            signals,
+            log,
+        )

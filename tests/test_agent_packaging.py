@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from relayd.agent.config import AGENT_KEY_CREDENTIAL, BACKEND_KEY_CREDENTIAL, SCHEMA
-from relayd.agent.service import HARD_STOP_MARGIN
 from relayd.config import parse_duration
+from relayd.stopping import HARD_STOP_MARGIN
 from tests.support import console_script, service_environment
 from tests.test_packaging import install_env, run_script, unit_settings, verify_problems
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +31,7 @@ from relayd.config import (
     bound_text,
     convert_scalar,
     read_problem,
+    read_toml,
 )
 from relayd.protocol.v2 import MAX_CAPACITY, MAX_MODEL_ID, MAX_MODELS
 
@@ -188,16 +188,7 @@ def load_table(path: Path) -> dict[str, Any]:
     anything but an ``[agent]`` table.
     """
     source = str(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("the file is not valid UTF-8", source=source) from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read the file: {read_problem(error)}", source=source) from None
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"invalid TOML: {error}", source=source) from None
+    document = read_toml(path)
     for name, value in document.items():
         if name != SECTION:
             what = "section" if isinstance(value, dict) else "key"

@@ -65,14 +65,14 @@ from relayd.agentkit import AgentProfile, Finish, V2Agent
 from relayd.config import ConfigError
 from relayd.protocol import LocalProtocolError, Request
 from relayd.protocol.v2 import ChatRequest, Goodbye
+from relayd.stopping import HARD_STOP_MARGIN, hard_stop_after
 from relayd.systemd import Notifier, watchdog_interval, watchdog_loop
 from relayd.users import atomic_write
 
-__all__ = ["HARD_STOP_MARGIN", "AgentService", "ReferenceAgent", "StateLock", "build_backend"]
+__all__ = ["AgentService", "ReferenceAgent", "StateLock", "build_backend"]
 
 log = logging.getLogger("relayd.agent")
 
-HARD_STOP_MARGIN = 5.0
 STATUS_INTERVAL = 5.0
 AGENT_ID_FILE = "agent_id"
 LOCK_FILE = "agent.lock"
@@ -605,19 +605,4 @@ class AgentService:
         link_scope.cancel()
 
     async def _hard_stop_timer(self, signals: AsyncIterator[int]) -> None:
-        """End the process if the drain overruns, or on a second signal."""
-        deadline = self.settings.drain_grace + HARD_STOP_MARGIN
-        with trio.move_on_after(deadline):
-            async for signum in signals:
-                if signum != signal.SIGHUP:
-                    log.warning("second %s: exiting now", signal.Signals(signum).name)
-                    _exit_now(1)
-            return
-        log.error("drain did not finish within %.0fs: exiting now", deadline)
-        _exit_now(1)
-
-
-def _exit_now(code: int) -> None:
-    """Leave without unwinding: only for a forced stop."""
-    logging.shutdown()
-    os._exit(code)
+        await hard_stop_after(self.settings.drain_grace + HARD_STOP_MARGIN, signals, log)
