@@ -511,11 +511,15 @@ def test_smoke_every_scenario(
         "v1-chat-32",
         "relay-32-tls",
         "stream-32",
+        "v1-stream-32",
     }
-    for name in ("bare-stream-32", "stream-32"):  # (tests/test_bench_stream.py has more)
+    for name in ("bare-stream-32", "stream-32", "v1-stream-32"):  # (test_bench_stream.py: more)
         assert scenarios[name]["error_count"] == 0, name
         assert scenarios[name]["deltas_per_s"] > 0, name
     assert scenarios["stream-32"]["ratio"] is not None
+    v1_stream = scenarios["v1-stream-32"]
+    assert v1_stream["reference"] == "bare-stream-32" and v1_stream["ratio"] is not None
+    assert v1_stream["requests_ok"] > 0 and v1_stream["deltas_per_answer"] == 256
 
 
 def test_smoke_one_scenario_alone_with_a_request_count(

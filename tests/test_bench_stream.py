@@ -236,7 +236,8 @@ def test_stream_targets() -> None:
 def test_stream_units_run_together_and_have_their_own_table() -> None:
     assert units_for(["stream-32"]) == ["bare-stream-32", "stream-32"]
     assert "stream-32" in units_for(["all"])
-    assert ("bare-stream-32", "stream-32") in TOGETHER
+    assert ("bare-stream-32", "stream-32", "v1-stream-32") in TOGETHER
+    assert units_for(["v1-stream-32"]) == ["bare-stream-32", "stream-32", "v1-stream-32"]
     assert batches(["relay-1", "bare-stream-32", "stream-32"], in_turns=True) == [
         ["relay-1"],
         ["bare-stream-32", "stream-32"],
@@ -399,3 +400,19 @@ def test_smoke_stream_32(capsys: pytest.CaptureFixture[str]) -> None:
         "added latency p99",
         "errors",
     }
+
+
+def test_openai_chunks_count_as_deltas_only_with_the_agents_time_stamp() -> None:
+    """v1-stream-32 reads /v1's chunks: the role chunk and the finish chunk carry
+    no content, [DONE] ends the answer, an error chunk is an error."""
+    from relayd.bench.stream import _openai_kind
+
+    role = b'{"id":"c","choices":[{"index":0,"delta":{"role":"assistant"}}]}'
+    piece = b'{"id":"c","choices":[{"index":0,"delta":{"content":"ts=123456789"}}]}'
+    finish = b'{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    error = b'{"error":{"message":"the agent failed","type":"server_error"}}'
+    assert _openai_kind(role) == b"other"
+    assert _openai_kind(piece) == b"delta" and stamp_of(piece) == 123456789
+    assert _openai_kind(finish) == b"other"
+    assert _openai_kind(b"[DONE]") == b"done"
+    assert _openai_kind(error) == b"error"

@@ -88,7 +88,7 @@ def test_units_of_a_group_run_together_and_others_alone() -> None:
     assert batches(every, in_turns=True) == [
         ["baseline-1", "relay-1"],
         ["baseline-32", "relay-32", "v1-chat-32", "relay-32-tls", "wide-dispatch"],
-        ["bare-stream-32", "stream-32"],
+        ["bare-stream-32", "stream-32", "v1-stream-32"],
         ["pool-1000"],
         ["idle-10000"],
     ]
@@ -101,7 +101,7 @@ def test_units_of_a_group_run_together_and_others_alone() -> None:
         ran = [unit for batch in batches(units, in_turns=True) for unit in batch]
         assert sorted(ran) == sorted(units)
     # The busiest unit of a group starts last, while the others sit idle.
-    assert all(group[-1].startswith(("relay", "wide", "stream")) for group in TOGETHER)
+    assert all(group[-1].startswith(("relay", "wide", "stream", "v1-stream")) for group in TOGETHER)
 
 
 # -- CPU placement ---------------------------------------------------------------------

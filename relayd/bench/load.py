@@ -44,6 +44,7 @@ from relayd.bench.stats import Distribution, LoadRecorder, per_thousand, rate
 
 __all__ = [
     "ASK",
+    "STREAM_ASK",
     "TURN",
     "V1_MODEL",
     "CpuSnapshot",
@@ -222,18 +223,23 @@ class Shape:
 
 # relay-N, wide-dispatch, pool-1000: relayd's own API.
 ASK = Shape("/api/ask", b'{"content": "%s"}', b'{"content": "warm-up"}')
+# stream-32: relayd's own API, streamed.
+STREAM_ASK = Shape(
+    "/api/ask", b'{"content": "%s", "stream": true}', b'{"content": "warm-up", "stream": true}'
+)
 # The model v1-chat-32's requests name, and its relayd's agents.v1_model.
 V1_MODEL = "bench"
 
 
-def chat_shape(model: str | None = V1_MODEL) -> Shape:
-    """v1-chat-32's requests: an OpenAI chat completion of one user message (no
-    model named when ``model`` is None), not streamed."""
+def chat_shape(model: str | None = V1_MODEL, *, stream: bool = False) -> Shape:
+    """v1-chat-32's requests (v1-stream-32's with ``stream``): an OpenAI chat
+    completion of one user message (no model named when ``model`` is None)."""
     named = b"" if model is None else b'"model": ' + json.dumps(model).encode() + b", "
+    streamed = b', "stream": true' if stream else b""
     return Shape(
         "/v1/chat/completions",
-        b"{" + named + b'"messages": [{"role": "user", "content": "%s"}]}',
-        b"{" + named + b'"messages": [{"role": "user", "content": "warm-up"}]}',
+        b"{" + named + b'"messages": [{"role": "user", "content": "%s"}]' + streamed + b"}",
+        b"{" + named + b'"messages": [{"role": "user", "content": "warm-up"}]' + streamed + b"}",
     )
 
 

@@ -32,6 +32,9 @@ The units:
   (:mod:`relayd.bench.stream`); figures per delta.
 * ``bare-stream-32``: the same against a bare forwarding loop
   (:mod:`relayd.bench.bareloop`), stream-32's ceiling.
+* ``v1-stream-32``: stream-32 through the OpenAI surface,
+  ``POST /v1/chat/completions`` with ``"stream": true``, held to stream-32's
+  targets against the same bare loop.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from relayd.bench.fleet import Fleet, Tracker, bench_handler, content_for
 from relayd.bench.httpclient import HttpClient, HttpError
 from relayd.bench.load import (
     ASK,
+    STREAM_ASK,
     TURN,
     V1_MODEL,
     CpuSnapshot,
@@ -89,6 +93,7 @@ UNITS = (
     "relay-32-tls",
     "bare-stream-32",
     "stream-32",
+    "v1-stream-32",
     "pool-1000",
     "idle-10000",
     "wide-dispatch",
@@ -103,6 +108,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "v1-chat-32": ("relay-32", "v1-chat-32"),
     "relay-32-tls": ("relay-32", "relay-32-tls"),
     "stream-32": ("bare-stream-32", "stream-32"),
+    "v1-stream-32": ("bare-stream-32", "stream-32", "v1-stream-32"),
     "all": UNITS,
 }
 # Units measured together (their loads take turns), so that their ratios hold
@@ -111,7 +117,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
 TOGETHER = (
     ("baseline-1", "relay-1"),
     ("baseline-32", "relay-32", "v1-chat-32", "relay-32-tls", "wide-dispatch"),
-    ("bare-stream-32", "stream-32"),
+    ("bare-stream-32", "stream-32", "v1-stream-32"),
 )
 # A unit's reference: what its ratios are measured against (req/s and the
 # server's CPU per request; streamed answers: per delta).
@@ -122,11 +128,12 @@ REFERENCES = {
     "relay-32-tls": "relay-32",
     "wide-dispatch": "relay-32",
     "stream-32": "bare-stream-32",
+    "v1-stream-32": "bare-stream-32",
 }
 # Units that need a relayd of their own (they cannot run against --url).
 OWN_RELAYD_ONLY = frozenset({"relay-32-tls"})
 # Units whose clients ask for streamed answers (loaded by StreamPhase).
-STREAMING = frozenset({"bare-stream-32", "stream-32"})
+STREAMING = frozenset({"bare-stream-32", "stream-32", "v1-stream-32"})
 
 # Open connections at once while handing out hold requests (wide-dispatch).
 HOLD_CONCURRENCY = 64
@@ -188,6 +195,7 @@ class Bench:
             "wide-dispatch": lambda: self.relay("wide-dispatch", 32, busy=True),
             "bare-stream-32": lambda: self.stream("bare-stream-32", 32, bare=True),
             "stream-32": lambda: self.stream("stream-32", 32),
+            "v1-stream-32": lambda: self.stream("v1-stream-32", 32, chat=True),
         }
         alone: dict[str, Callable[[], Awaitable[ScenarioResult]]] = {
             "pool-1000": self.pool,
@@ -353,16 +361,19 @@ class Bench:
 
     @contextlib.asynccontextmanager
     async def stream(
-        self, name: str, default_clients: int, *, bare: bool = False
+        self, name: str, default_clients: int, *, bare: bool = False, chat: bool = False
     ) -> AsyncIterator[Load]:
-        """stream-32 (relayd) or bare-stream-32 (the bare loop): the server with its
-        lean v2 agents connected, one per client, ready for the load."""
+        """stream-32 (relayd), v1-stream-32 (relayd's /v1, with ``chat``) or
+        bare-stream-32 (the bare loop): the server with its lean v2 agents
+        connected, one per client, ready for the load."""
         settings = self.settings
         result = ScenarioResult(
             name,
             (
                 "streamed answers through a bare forwarding loop (the ceiling of stream-32)"
                 if bare
+                else "streamed OpenAI chat completions from v2 agents behind relayd"
+                if chat
                 else "streamed answers (server-sent events) from v2 agents behind relayd"
             ),
             server="bareloop" if bare else ("external" if settings.url else "relayd"),
@@ -373,7 +384,11 @@ class Bench:
         wanted = {"clients": clients, "agents": agents}
         counts = self.fit(result, wanted)
         result.clients, result.agents = counts["clients"], counts["agents"]
-        result.endpoint = f"POST {ASK.path} (streamed)"
+        # The lean agents announce no models, so they serve the one named (against
+        # --url: none named, as v1-chat-32 does, whatever that relay's agents serve).
+        model = None if settings.url else V1_MODEL
+        shape = chat_shape(model, stream=True) if chat else STREAM_ASK
+        result.endpoint = f"POST {shape.path} (streamed)"
         result.capacity = 1
         async with contextlib.AsyncExitStack() as stack:
             target = await stack.enter_async_context(
@@ -385,7 +400,7 @@ class Bench:
             fleet = StreamFleet(target.host, target.port, self.agent_headers())
             await fleet.start(running, result.agents, on_progress=self.connecting(result, "agents"))
             self.note_failures(result, fleet.failed, result.agents, fleet.failures, "agents")
-            yield Load(result, target, tracked=False, recorder=StreamRecorder())
+            yield Load(result, target, tracked=False, recorder=StreamRecorder(), shape=shape)
             if bare:
                 result.agents_connected = fleet.connected
             else:

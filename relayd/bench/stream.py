@@ -55,7 +55,7 @@ from relayd.bench.frames import (
     parse_frame,
 )
 from relayd.bench.httpclient import HttpClient, HttpError, parse_head
-from relayd.bench.load import ASK, Load, LoadPhase, Shape
+from relayd.bench.load import STREAM_ASK, Load, LoadPhase, Shape
 from relayd.bench.model import ScenarioResult
 from relayd.bench.servers import Target
 from relayd.bench.stats import Distribution, LoadRecorder, rate
@@ -182,6 +182,17 @@ class EventParser:
         return events
 
 
+def _openai_kind(payload: bytes) -> bytes:
+    """An OpenAI stream chunk as the /api/ask event it stands for."""
+    if payload == b"[DONE]":
+        return b"done"
+    if _STAMP.search(payload) is not None:
+        return b"delta"
+    if payload.startswith(b'{"error"'):
+        return b"error"
+    return b"other"  # the role chunk, the finish chunk, a usage chunk
+
+
 def stamp_of(data: bytes) -> int | None:
     """The agent's send time (``ts=<ns>``) in a delta event's data, or None."""
     match = _STAMP.search(data)
@@ -212,13 +223,24 @@ class StreamClient(HttpClient):
     def __init__(self, host: str, port: int, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(host, port, headers=headers)
         self.expected = DELTAS
+        self._openai = False
 
-    async def stream(self, body: bytes, latencies: array[int]) -> StreamOutcome:
-        """Ask with ``body`` and read the whole answer; each delta's added latency
-        (ns) is appended to ``latencies``. Never raises for the server's fault:
-        the outcome says what went wrong (and the connection is closed then)."""
+    async def stream(
+        self, body: bytes, latencies: array[int], path: str = "/api/ask"
+    ) -> StreamOutcome:
+        """Ask ``path`` with ``body`` and read the whole answer; each delta's added
+        latency (ns) is appended to ``latencies``. Never raises for the server's
+        fault: the outcome says what went wrong (and the connection is closed then).
+
+        ``/api/ask`` streams ``delta``/``done``/``error`` events; ``/v1/...``
+        streams OpenAI's unnamed chunks ending in ``[DONE]``, where a delta is a
+        chunk with the agent's time stamp in its content (the role chunk and the
+        finish chunk carry none)."""
+        self._openai = path.startswith("/v1/")
         message = (
-            b"POST /api/ask HTTP/1.1\r\n"
+            b"POST "
+            + path.encode()
+            + b" HTTP/1.1\r\n"
             + self._common
             + b"Content-Length: %d\r\n\r\n" % len(body)
             + body
@@ -301,6 +323,8 @@ class StreamClient(HttpClient):
             while True:
                 if data:
                     for kind, payload in events.feed(decoder.feed(data)):
+                        if self._openai:
+                            kind = _openai_kind(payload)
                         if kind == b"delta":
                             stamp = stamp_of(payload)
                             if stamp is None:
@@ -606,9 +630,9 @@ class StreamPhase(LoadPhase):
     def new_client(self, target: Target) -> HttpClient:
         return StreamClient(target.host, target.port, headers=target.client_headers())
 
-    async def warm_up(self, client: HttpClient, shape: Shape = ASK) -> None:
+    async def warm_up(self, client: HttpClient, shape: Shape = STREAM_ASK) -> None:
         assert isinstance(client, StreamClient)
-        outcome = await client.stream(b'{"content": "warm-up", "stream": true}', array("q"))
+        outcome = await client.stream(shape.warm_up, array("q"), shape.path)
         if not outcome.ok:
             log.debug("warm-up stream failed: %s", outcome.problem)
 
@@ -618,7 +642,7 @@ class StreamPhase(LoadPhase):
         recorder: LoadRecorder,
         deadline: float,
         tracked: bool,
-        shape: Shape = ASK,  # (streamed questions have their own: see below)
+        shape: Shape = STREAM_ASK,
     ) -> None:
         assert isinstance(client, StreamClient) and isinstance(recorder, StreamRecorder)
         budget = self.settings.requests
@@ -627,9 +651,9 @@ class StreamPhase(LoadPhase):
             now = trio.current_time()
             if now >= deadline or (budget is not None and recorder.sent >= budget):
                 return
-            body = b'{"content": "stream %d", "stream": true}' % next(self.numbers)
+            body = shape.body(next(self.numbers))
             recorder.request_sent(now)
-            outcome = await client.stream(body, latencies)
+            outcome = await client.stream(body, latencies, shape.path)
             end = trio.current_time()
             recorder.stream_done(end, outcome, end - now)
             if not outcome.ok:
