@@ -565,7 +565,7 @@ def compact(document: dict[str, str]) -> str:
 
 async def firefox_agent(url: str, seen: list[dict[str, str]], *, task_status: Any) -> None:
     """What the seed's Firefox content script does on the wire (see
-    shared/fixtures/firefox-agent-frames.json): compact JSON, echo the
+    tests/fixtures/firefox-agent-frames.json): compact JSON, echo the
     connection id, pong on ping, double-encoded ChatGptResponse, and on failure
     ``{"id":...,"message":"error","data":"Unknown error","error":{}}``."""
     async with open_websocket_url(url) as ws:
