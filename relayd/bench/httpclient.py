@@ -32,7 +32,7 @@ import trio
 from relayd.bench.tls import TlsSocketStream, open_tls_stream
 from relayd.hypercorn_fixes import read_some, write_now
 
-__all__ = ["HttpClient", "HttpError", "Response", "parse_head"]
+__all__ = ["HttpClient", "HttpError", "Response", "StaleConnection", "parse_head"]
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 16 * 1024 * 1024
@@ -43,7 +43,7 @@ class HttpError(Exception):
     """The server's answer is not HTTP/1.1 this client understands."""
 
 
-class _StaleConnection(Exception):
+class StaleConnection(Exception):
     """EOF before any byte of the answer, on a connection used before."""
 
 
@@ -152,7 +152,7 @@ class HttpClient:
         try:
             try:
                 return await self._exchange(message, method)
-            except _StaleConnection:
+            except StaleConnection:
                 # The server closed the idle connection: a fresh one cannot be stale.
                 await self.aclose()
                 return await self._exchange(message, method)
@@ -160,11 +160,12 @@ class HttpClient:
             await self.aclose()
             raise
 
-    async def _exchange(self, message: bytes, method: str) -> Response:
-        await self.connect()
-        stream = self._stream
-        assert stream is not None
-        reused = self._used
+    @staticmethod
+    async def _send(
+        stream: trio.SocketStream | TlsSocketStream, message: bytes, reused: bool
+    ) -> None:
+        """Write ``message`` (one system call when the socket takes it all); a
+        reused connection the server has closed raises :class:`StaleConnection`."""
         try:
             written = write_now(stream, message)
             if written is None:
@@ -173,8 +174,15 @@ class HttpClient:
                 await stream.send_all(message[written:])
         except (trio.BrokenResourceError, OSError):
             if reused:
-                raise _StaleConnection() from None
+                raise StaleConnection() from None
             raise
+
+    async def _exchange(self, message: bytes, method: str) -> Response:
+        await self.connect()
+        stream = self._stream
+        assert stream is not None
+        reused = self._used
+        await self._send(stream, message, reused)
         buffer = self._buffer
         # The answer cannot be there yet: wait for it rather than try a read first.
         drained = True
@@ -185,7 +193,7 @@ class HttpClient:
             drained = len(chunk) < _RECEIVE_SIZE
             if not chunk:
                 if reused and not buffer:
-                    raise _StaleConnection()
+                    raise StaleConnection()
                 raise trio.BrokenResourceError("connection closed before the response head")
             buffer += chunk
         status, reason, headers = parse_head(bytes(buffer[:end]))

@@ -54,7 +54,7 @@ from relayd.bench.frames import (
     client_frame,
     parse_frame,
 )
-from relayd.bench.httpclient import HttpClient, HttpError, parse_head
+from relayd.bench.httpclient import HttpClient, HttpError, StaleConnection, parse_head
 from relayd.bench.load import STREAM_ASK, Load, LoadPhase, Shape
 from relayd.bench.model import ScenarioResult
 from relayd.bench.servers import Target
@@ -213,10 +213,6 @@ class StreamOutcome:
         return self.problem is None and self.status == 200 and self.done
 
 
-class _Stale(Exception):
-    """EOF before any byte of the answer, on a connection used before."""
-
-
 class StreamClient(HttpClient):
     """One keep-alive connection asking for streamed answers (see the module docstring)."""
 
@@ -249,7 +245,7 @@ class StreamClient(HttpClient):
         try:
             try:
                 await self._stream_once(message, outcome, latencies)
-            except _Stale:
+            except StaleConnection:
                 await self.aclose()
                 await self._stream_once(message, outcome, latencies)
         except (OSError, trio.BrokenResourceError, HttpError) as error:
@@ -274,16 +270,7 @@ class StreamClient(HttpClient):
         stream = self._stream
         assert isinstance(stream, trio.SocketStream)
         reused = self._used
-        try:
-            written = write_now(stream, message)
-            if written is None:
-                raise trio.BrokenResourceError("connection closed")
-            if written < len(message):
-                await stream.send_all(message[written:])
-        except (trio.BrokenResourceError, OSError):
-            if reused:
-                raise _Stale() from None
-            raise
+        await self._send(stream, message, reused)
         buffer = self._buffer
         now = 0
         waited = False
@@ -294,7 +281,7 @@ class StreamClient(HttpClient):
             waited = True
             if not data:
                 if reused and not buffer:
-                    raise _Stale()
+                    raise StaleConnection()
                 raise trio.BrokenResourceError("connection closed before the response head")
             buffer += data
         status, _, headers = parse_head(bytes(buffer[:end]))
