@@ -141,7 +141,7 @@ def chunked_ask(relayd: Relayd, raw: bytes) -> bytes:
     )
 
 
-# relayd's debug line for a connection its own loop serves (relayd/ask_wire.py).
+# relayd's debug line for a connection its own loop serves (relayd/front/ask_wire.py).
 WIRE_PATH_LOG = "connection served on the wire path: remote="
 
 
@@ -310,6 +310,9 @@ def expected_answer(decoded: dict[str, Any]) -> Expected:
         return Expected(400, "content must be a non-empty string")
     if len(content.encode("utf-8")) > MAX_CONTENT:
         return Expected(413, "content is larger than requests.max_content")
+    model = decoded.get("model")  # an "extra" field the ask route reads
+    if model not in (None, "") and not isinstance(model, str):
+        return Expected(400, "model must be a string")
     if decoded.get("conversation_id") not in (None, ""):
         return Expected(404, "unknown conversation_id")  # no such conversation
     return Expected(200)
@@ -406,6 +409,7 @@ async def test_any_json_string_is_relayed_intact_or_refused_without_leaking_a_sl
                 {"content": "\x00\uffff\ud83d\ude00", "parent_id": "\\ud800"}, True, True, "chunked"
             )
             @example({"content": "\ufeff\U0001f600\ufffe"}, False, False, "after-health")
+            @example({"content": "0" * 20_000, "model": []}, False, False, "after-health")
             def prop(document: dict[str, Any], ensure_ascii: bool, bom: bool, way: str) -> None:
                 raw = encode_body(document, ensure_ascii, bom)
                 decoded = json.loads(raw.removeprefix(BOM).decode("utf-8"))
