@@ -26,7 +26,6 @@ from werkzeug.exceptions import HTTPException
 
 from relayd import __version__
 from relayd.agents.auth import agent_key_from_path
-from relayd.agents.websocket import AgentEndpoint, deny_websocket
 from relayd.asgi import AsgiApp, Receive, Scope, Send
 from relayd.ask import DISCARD_WAIT, AskEndpoint
 from relayd.config import Config
@@ -39,6 +38,7 @@ from relayd.errors import (
     body_late,
     retry_after_header,
 )
+from relayd.front.agent_endpoint import AgentEndpoint, deny_websocket
 from relayd.openai_api import ChatCompletionsEndpoint, models_listing, openai_error
 from relayd.proxies import TrustedProxies
 from relayd.state import RelayState

@@ -3,7 +3,7 @@
 Every client request passes here, so it skips Quart's request and response
 machinery (a measured share of the relay's CPU; see docs/performance.md).
 :meth:`AskEndpoint.answer` does the work for both ways a request arrives:
-usually on the wire path (:mod:`relayd.ask_wire`, no Hypercorn at all),
+usually on the wire path (:mod:`relayd.front.ask_wire`, no Hypercorn at all),
 otherwise through Hypercorn, with the endpoint called as a bare ASGI
 application. Either way it keeps the API's contract: the body is JSON
 whatever the Content-Type, every error is ``{"error": ...}`` with the status
@@ -11,7 +11,7 @@ of :data:`relayd.web.STATUS`, credentials go through the same
 :class:`~relayd.web.Gate` as the Quart routes.
 
 When the client disconnects, its request is cancelled at once (by the wire
-path's connection task, or by the server loop in ``relayd.hypercorn_fixes``),
+path's connection task, or by the server loop in ``relayd.front.server``),
 so an abandoned request frees its place in the queue and its socket without a
 watcher task per request (which cost 15 % of the relay's CPU per request,
 measured with ``relayd bench``).
@@ -93,7 +93,7 @@ class JsonEndpoint:
     ``/api/ask`` (:class:`AskEndpoint`) and ``/v1/chat/completions``
     (:class:`relayd.openai_api.ChatCompletionsEndpoint`).
 
-    :meth:`answer` serves both the wire path (:mod:`relayd.ask_wire`) and,
+    :meth:`answer` serves both the wire path (:mod:`relayd.front.ask_wire`) and,
     called as an ASGI application, Hypercorn's. A subclass says how a
     question is read and answered (:meth:`respond`) and what an error looks
     like (:meth:`error_body`).

@@ -4,7 +4,7 @@ Task tree (everything has an owner; nothing outlives ``run``)::
 
     run()
     └─ root nursery
-       ├─ hypercorn_fixes.serve_guarded (started with nursery.start → READY=1)
+       ├─ front.server.serve_guarded (started with nursery.start → READY=1)
        │  └─ per-connection tasks; agent sessions run inside their handlers
        ├─ watchdog loop (only when systemd asked for one)
        ├─ status loop (STATUS= when the numbers change)
@@ -40,9 +40,10 @@ from relayd import logs
 from relayd.agents.auth import AgentKeys
 from relayd.api import AsgiApp, agent_endpoint, create_asgi_app
 from relayd.ask import AskEndpoint
-from relayd.ask_wire import AskWire
 from relayd.config import Config, ConfigError, plural
-from relayd.hypercorn_fixes import Takeover, serve_guarded
+from relayd.front.ask_wire import AskWire
+from relayd.front.server import serve_guarded
+from relayd.front.sockets import Takeover
 from relayd.idempotency import Recorded
 from relayd.openai_api import ChatCompletionsEndpoint
 from relayd.persist import Change, StateFile, StoredAnswer, answer_row, conversation_row

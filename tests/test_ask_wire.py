@@ -1,4 +1,4 @@
-"""AskConnection and AskWire (relayd/ask_wire.py): ``/api/ask`` clients on the wire path.
+"""AskConnection and AskWire (relayd/front/ask_wire.py): ``/api/ask`` clients on the wire path.
 
 The connection is served over one half of ``trio.testing.memory_stream_pair``
 (where ``read_some`` and the writes use the stream's own methods); the test is
@@ -26,10 +26,10 @@ import trio
 import trio.testing
 
 from relayd.ask import DISCARD_WAIT, AskEndpoint, Caller, HttpReply
-from relayd.ask_wire import AskConnection, AskWire
 from relayd.errors import Unauthorized
-from relayd.http1 import CONTINUE, HttpDate
-from relayd.hypercorn_fixes import WRITE_TIMEOUT, ConnectionTerms, WriteLimits
+from relayd.front.ask_wire import AskConnection, AskWire
+from relayd.front.http1 import CONTINUE, HttpDate
+from relayd.front.sockets import WRITE_TIMEOUT, ConnectionTerms, WriteLimits
 from tests.raw_http import RawClient, Response
 
 KEEP_ALIVE = 10.0  # the connection's keep_alive_timeout (virtual seconds)

@@ -1,7 +1,7 @@
 """The ``/api/ask`` wire path in a real relayd: raw HTTP/1.1 over loopback sockets.
 
 A connection whose first request is a plain ``POST /api/ask`` is served by
-relayd's own loop (relayd/ask_wire.py) until its first request of another kind,
+relayd's own loop (relayd/front/ask_wire.py) until its first request of another kind,
 which goes to Hypercorn with every byte unread. The two paths can be told apart
 on the wire: the wire path's status line carries the reason phrase
 (``HTTP/1.1 503 Service Unavailable``), Hypercorn's (h11's) has none

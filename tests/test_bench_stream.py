@@ -37,7 +37,7 @@ from relayd.bench.stream import (
     stamp_of,
     stream_figures,
 )
-from relayd.http1 import chunk
+from relayd.front.http1 import chunk
 
 # -- chunked bodies --------------------------------------------------------------------
 

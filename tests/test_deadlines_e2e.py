@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from relayd import hypercorn_fixes
 from relayd.ask import DISCARD_WAIT
+from relayd.front import server as front_server
 from tests.raw_http import Response
 from tests.support import Relayd
 from tests.test_hostile import RawAgent
@@ -61,7 +61,7 @@ CROWD_TOLERANCE = 1.5  # TOLERANCE with CROWD trickling connections at once
 # After Hypercorn answers before a request's body is whole, relayd shuts its side of
 # the connection and reads and drops what still comes for this long (bounded), then
 # closes the socket (a lingering close); 0 in a relayd that closes at once.
-LINGER: float = getattr(hypercorn_fixes, "LINGER_TIME", 0.0)
+LINGER: float = getattr(front_server, "LINGER_TIME", 0.0)
 assert GAP < IDLE / 4 and DISCARD_WAIT < BODY
 
 SERVER = f'[server]\nlog_level = "debug"\nidle_timeout = "{IDLE:g}s"\nbody_timeout = "{BODY:g}s"\n'

@@ -6,7 +6,7 @@ it the way a broken or malicious peer on the internet would, and then calls
 and a well-behaved agent that connects now still gets work and answers it.
 
 The first scenarios are regression tests for the Hypercorn traps fixed in
-relayd/hypercorn_fixes.py (see its docstring); each would fail without its fix.
+relayd/front/server.py (see its docstring); each would fail without its fix.
 Every wait is bounded by ``trio.fail_after``; every socket is on loopback.
 
 The tests must hold on a busy machine: a test waits for what it can observe (the

@@ -1,4 +1,4 @@
-"""The sans-I/O HTTP/1.1 of the ``/api/ask`` wire path (relayd/http1.py).
+"""The sans-I/O HTTP/1.1 of the ``/api/ask`` wire path (relayd/front/http1.py).
 
 * :func:`parse_ask_head` accepts a plain ``POST /api/ask HTTP/1.1`` head and
   says where its body starts and ends, whether the client keeps the connection
@@ -18,8 +18,8 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
-import relayd.http1
-from relayd.http1 import (
+import relayd.front.http1
+from relayd.front.http1 import (
     ASK_REQUEST_LINE,
     CONTINUE,
     MAX_HEAD,
@@ -423,14 +423,14 @@ def test_an_empty_body_has_content_length_zero() -> None:
 def test_http_date_formats_rfc_7231_dates_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [784111777.0]  # RFC 7231, section 7.1.1.1: Sun, 06 Nov 1994 08:49:37 GMT
     formatted: list[float] = []
-    real_formatdate = relayd.http1.formatdate
+    real_formatdate = relayd.front.http1.formatdate
 
     def counting_formatdate(timeval: float, *, usegmt: bool) -> str:
         formatted.append(timeval)
         return real_formatdate(timeval, usegmt=usegmt)
 
-    monkeypatch.setattr(relayd.http1.time, "time", lambda: now[0])
-    monkeypatch.setattr(relayd.http1, "formatdate", counting_formatdate)
+    monkeypatch.setattr(relayd.front.http1.time, "time", lambda: now[0])
+    monkeypatch.setattr(relayd.front.http1, "formatdate", counting_formatdate)
     date = HttpDate()
     assert date.now() == b"Sun, 06 Nov 1994 08:49:37 GMT"
     now[0] = 784111777.999
@@ -456,19 +456,53 @@ def test_http_date_is_now() -> None:
     assert value.endswith(b" GMT")
 
 
-@pytest.mark.parametrize(
-    "module", ["relayd.http1", "relayd.agents.upgrade", "relayd.protocol.v2", "relayd.asgi"]
-)
-def test_the_parsers_are_sans_io(module: str) -> None:
-    """Importing a parser loads neither Trio nor Hypercorn (a fresh interpreter)."""
+def modules_loaded_by(module: str, candidates: tuple[str, ...]) -> list[str]:
+    """Which of ``candidates`` importing ``module`` loads, in a fresh interpreter."""
     import subprocess
     import sys
 
-    probe = (
-        f"import sys, {module}; "
-        "print(sorted(m for m in ('trio', 'hypercorn', 'quart') if m in sys.modules))"
-    )
+    probe = f"import sys, {module}; print(*sorted(m for m in {candidates!r} if m in sys.modules))"
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
-    assert result.stdout.strip() == "[]", result.stdout
+    return result.stdout.split()
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["relayd.front.http1", "relayd.front.agent_upgrade", "relayd.protocol.v2", "relayd.asgi"],
+)
+def test_the_parsers_are_sans_io(module: str) -> None:
+    """Importing a parser loads neither Trio nor Hypercorn (a fresh interpreter)."""
+    assert modules_loaded_by(module, ("trio", "hypercorn", "quart")) == []
+
+
+def test_the_socket_helpers_are_a_leaf() -> None:
+    """relayd's own loops depend on relayd.front.sockets, not on the server loop:
+    importing it loads Trio and nothing of Hypercorn, h11, wsproto or Quart."""
+    loaded = modules_loaded_by(
+        "relayd.front.sockets",
+        ("trio", "hypercorn", "h11", "wsproto", "quart", "relayd.front.server"),
+    )
+    assert loaded == ["trio"]
+
+
+def test_the_server_loop_knows_no_endpoint() -> None:
+    """The daemon hands the server loop its takeovers; the loop imports none."""
+    domain = ("relayd.agents", "relayd.ask", "relayd.dispatch", "relayd.api", "relayd.state")
+    assert modules_loaded_by("relayd.front.server", domain) == []
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "relayd.agents.session",
+        "relayd.agents.pool",
+        "relayd.agents.heartbeat",
+        "relayd.agents.auth",
+    ],
+)
+def test_agents_know_no_http(module: str) -> None:
+    """The agents package keeps sessions, pool, heartbeat and auth; HTTP,
+    ASGI and WebSocket framing live in relayd.front."""
+    assert modules_loaded_by(module, ("hypercorn", "h11", "wsproto", "quart", "relayd.front")) == []

@@ -1,10 +1,10 @@
 """relayd's own HTTP/1.1 parsers against h11, the parser Hypercorn serves with (issue 14).
 
 A connection whose first request is a plain ``POST /api/ask`` (or
-``/v1/chat/completions``) is read by :func:`relayd.http1.parse_ask_head` on the
-wire path (relayd/ask_wire.py); the first request there that is not plain goes to
+``/v1/chat/completions``) is read by :func:`relayd.front.http1.parse_ask_head` on the
+wire path (relayd/front/ask_wire.py); the first request there that is not plain goes to
 Hypercorn with every unread byte. An agent's WebSocket upgrade is read by
-:func:`relayd.agents.upgrade.parse_agent_upgrade`. Two parsers thus see one
+:func:`relayd.front.agent_upgrade.parse_agent_upgrade`. Two parsers thus see one
 connection, and must agree on where each request starts and ends and on what it
 says. Hypothesis generates request heads and bodies (valid, near-valid and
 hostile) and checks, against a bare ``h11.Connection(h11.SERVER)`` with
@@ -52,11 +52,18 @@ import trio.testing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from relayd.agents.upgrade import AgentUpgrade, parse_agent_upgrade
 from relayd.ask import AskEndpoint, Caller, HttpReply, JsonEndpoint
-from relayd.ask_wire import AskConnection
-from relayd.http1 import MAX_HEAD, REQUEST_LINES, AskHead, HttpDate, NotPlainAsk, parse_ask_head
-from relayd.hypercorn_fixes import ConnectionTerms, WriteLimits
+from relayd.front.agent_upgrade import AgentUpgrade, parse_agent_upgrade
+from relayd.front.ask_wire import AskConnection
+from relayd.front.http1 import (
+    MAX_HEAD,
+    REQUEST_LINES,
+    AskHead,
+    HttpDate,
+    NotPlainAsk,
+    parse_ask_head,
+)
+from relayd.front.sockets import ConnectionTerms, WriteLimits
 
 # Generous, and still about 2 s of CPU per test: generating an example takes a few
 # milliseconds, checking it much less.

@@ -1,6 +1,6 @@
 """Every private name and behaviour of Hypercorn (and h11) that relayd relies on.
 
-relayd's front (relayd/hypercorn_fixes.py) subclasses Hypercorn's TCPServer,
+relayd's front (relayd/front/server.py) subclasses Hypercorn's TCPServer,
 replaces its read loop, swaps its lock and its h11 connection, and reads
 attributes that are not Hypercorn's public API. pyproject.toml pins Hypercorn
 exactly; to upgrade, change the pin, run this file, and read the failure: each
@@ -19,7 +19,7 @@ from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
-from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
@@ -102,7 +102,6 @@ def test_events_and_helpers() -> None:
     assert Updated(idle=True).idle is True
     assert RawData(data=b"x").data == b"x"
     assert Closed() is not None
-    assert MAX_RECV >= 4096
     assert issubclass(ShutdownError, Exception)
     assert inspect.iscoroutinefunction(raise_shutdown)
     assert callable(repr_socket_addr) and callable(wrap_app)
@@ -136,4 +135,4 @@ def test_config_create_sockets_and_ssl_flag() -> None:
 def test_imported_names_exist(name: str) -> None:
     module_name, _, attribute = name.rpartition(".")
     module = __import__(module_name, fromlist=[attribute])
-    assert hasattr(module, attribute), f"{name} is gone (relayd/hypercorn_fixes.py imports it)"
+    assert hasattr(module, attribute), f"{name} is gone (relayd/front/server.py imports it)"

@@ -1,4 +1,4 @@
-"""The sans-I/O side of an agent's WebSocket upgrade (relayd/agents/upgrade.py).
+"""The sans-I/O side of an agent's WebSocket upgrade (relayd/front/agent_upgrade.py).
 
 * :func:`parse_agent_upgrade` accepts exactly one complete ``GET`` head over
   HTTP/1.1, with no body (not even an empty one), carrying a version 13
@@ -35,7 +35,7 @@ from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import PerMessageDeflate
 
 from relayd.agents.auth import agent_key_from_path
-from relayd.agents.upgrade import (
+from relayd.front.agent_upgrade import (
     AgentUpgrade,
     accept_response,
     may_be_agent_upgrade,
@@ -44,7 +44,7 @@ from relayd.agents.upgrade import (
     refusal_headers,
     refusal_response,
 )
-from relayd.http1 import MAX_HEAD
+from relayd.front.http1 import MAX_HEAD
 
 EXAMPLES = settings(max_examples=200, deadline=None)
 

@@ -1,4 +1,4 @@
-"""WireTransport (relayd/agents/wire.py): an agent's WebSocket straight over a stream.
+"""WireTransport (relayd/front/websocket_wire.py): an agent's WebSocket straight over a stream.
 
 The relay's end is a :class:`WireTransport` over one half of a stream pair; the
 agent's end (:class:`Agent`) is a wsproto client ``Connection`` over the other
@@ -39,7 +39,8 @@ from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
-from relayd.agents.wire import (
+from relayd.front.sockets import WRITE_TIMEOUT, WriteLimits, read_some
+from relayd.front.websocket_wire import (
     CLOSE_WAIT,
     FrameError,
     NotSimpleFrame,
@@ -47,7 +48,6 @@ from relayd.agents.wire import (
     parse_simple_frame,
     text_frame,
 )
-from relayd.hypercorn_fixes import WRITE_TIMEOUT, WriteLimits, read_some
 
 ACCEPT = (
     b"HTTP/1.1 101 Switching Protocols\r\n"
@@ -755,7 +755,7 @@ async def test_close_after_the_agents_close_sends_nothing_more(
     assert frames == [(CLOSE, close_payload(1000))]
 
 
-# -- the simple-frame codec (relayd.agents.wire.parse_simple_frame, text_frame) ---------
+# -- the simple-frame codec (relayd.front.websocket_wire.parse_simple_frame, text_frame) ---------
 
 
 def client_text_frame(text: str) -> bytes:

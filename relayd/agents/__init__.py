@@ -1,6 +1,7 @@
-"""Agents: their sessions, the pool of live ones, and who may connect.
+"""Agents: their sessions, the pool of live ones, the heartbeat, and who may
+connect. Nothing here speaks HTTP: an agent's WebSocket reaches its session
+through :mod:`relayd.front`, as a transport.
 
 Import the modules themselves (``relayd.agents.session``, ``.pool``,
-``.auth``, ``.upgrade``): this package re-exports nothing, so that importing
-the sans-I/O upgrade parser loads neither Trio nor the session machinery.
+``.heartbeat``, ``.auth``): this package re-exports nothing.
 """

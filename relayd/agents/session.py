@@ -411,7 +411,7 @@ class AgentSession:
             writing = True
             # Shielded so that a frame is never half-given to the transport, but
             # not past the caller's own deadline: the transport's write honours
-            # it (relayd.hypercorn_fixes.WriteLimits) and closes the connection
+            # it (relayd.front.sockets.WriteLimits) and closes the connection
             # of an agent that stopped reading.
             with trio.CancelScope(shield=True, deadline=trio.current_effective_deadline()) as scope:
                 await self._transport.send(call.frame)

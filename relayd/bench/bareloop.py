@@ -40,7 +40,7 @@ from relayd.bench.frames import (
     parse_frame,
     server_frame,
 )
-from relayd.hypercorn_fixes import read_some, write_now
+from relayd.front.sockets import read_some, write_now
 from relayd.systemd import Notifier
 
 __all__ = ["main"]

@@ -6,10 +6,10 @@ with the same JSON relayd sends (``id``, ``response_id``, ``conversation_id``,
 does, and nothing else: no framework, no authentication, no agent. What it
 achieves on a machine is the ceiling of any route served through Hypercorn
 there; relayd serves ``/api/ask`` keep-alive connections on its own loop
-(:mod:`relayd.ask_wire`), so its relay scenarios can pass it.
+(:mod:`relayd.front.ask_wire`), so its relay scenarios can pass it.
 
 It serves with ``hypercorn.trio.serve`` and the Hypercorn settings relayd uses
-(``--server guarded`` serves with relayd's own :func:`relayd.hypercorn_fixes.serve_guarded`
+(``--server guarded`` serves with relayd's own :func:`relayd.front.server.serve_guarded`
 instead, to see what those fixes cost), says ``READY=1`` to ``$NOTIFY_SOCKET``
 once listening, and stops on SIGTERM or SIGINT.
 """
@@ -120,7 +120,7 @@ async def _serve(bind: str, guarded: bool) -> None:
     ):
         async with trio.open_nursery() as nursery:
             if guarded:
-                from relayd.hypercorn_fixes import serve_guarded
+                from relayd.front.server import serve_guarded
 
                 await nursery.start(
                     lambda task_status: serve_guarded(

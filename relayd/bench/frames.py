@@ -3,7 +3,7 @@ and its bare forwarding loop (:mod:`relayd.bench.bareloop`): whole frames only.
 
 Frames the agents send carry a zero masking key. RFC 6455 wants an
 unpredictable one (against proxies that cache); the relay cannot tell, and it
-unmasks every frame the same way whatever the key (relayd.agents.wire XORs
+unmasks every frame the same way whatever the key (relayd.front.websocket_wire XORs
 the payload with it, wsproto too), so the key changes nothing of the relay's
 cost and saves the bench an XOR per frame.
 """

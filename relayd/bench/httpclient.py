@@ -7,7 +7,7 @@ body, responses with a ``Content-Length`` body (what relayd sends for every
 response it makes). No chunked bodies, no redirects. TLS with ``ssl_context``
 (relay-32-tls: :mod:`relayd.bench.tls` says how). It reads and
 writes the socket with relayd's own non-blocking calls
-(:func:`~relayd.hypercorn_fixes.read_some`, :func:`~relayd.hypercorn_fixes.write_now`):
+(:func:`~relayd.front.sockets.read_some`, :func:`~relayd.front.sockets.write_now`):
 after a request the answer cannot be there yet, so it waits for it instead of
 trying a read that fails, a system call and an exception saved per request on
 the bench's side of the machine.
@@ -30,7 +30,7 @@ from typing import Self
 import trio
 
 from relayd.bench.tls import TlsSocketStream, open_tls_stream
-from relayd.hypercorn_fixes import read_some, write_now
+from relayd.front.sockets import read_some, write_now
 
 __all__ = ["HttpClient", "HttpError", "Response", "StaleConnection", "parse_head"]
 

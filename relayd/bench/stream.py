@@ -59,7 +59,7 @@ from relayd.bench.load import STREAM_ASK, Load, LoadPhase, Shape
 from relayd.bench.model import ScenarioResult
 from relayd.bench.servers import Target
 from relayd.bench.stats import Distribution, LoadRecorder, rate
-from relayd.hypercorn_fixes import read_some, write_now
+from relayd.front.sockets import read_some, write_now
 
 __all__ = [
     "DELTAS",

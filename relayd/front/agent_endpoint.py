@@ -4,7 +4,7 @@ Agents are served without Quart: the route is on the hot path of every idle
 agent (memory per connection) and Quart's WebSocket wrapper cancels the
 handler's nursery on return and hides the disconnect message. Usually an
 agent's connection does not reach Hypercorn's WebSocket stack either (see
-:mod:`relayd.agents.wire`); when it does, the ASGI messages are adapted to the
+:mod:`relayd.front.websocket_wire`); when it does, the ASGI messages are adapted to the
 session's :class:`Transport` directly and the handler returns only when the
 session is over.
 
@@ -23,7 +23,8 @@ import trio
 
 from relayd.agents.auth import AgentKeys, AgentRefusal
 from relayd.agents.session import AgentSession, SessionHost
-from relayd.agents.upgrade import (
+from relayd.asgi import Receive, Scope, Send
+from relayd.front.agent_upgrade import (
     accept_response,
     may_be_agent_upgrade,
     offered_subprotocols,
@@ -32,9 +33,8 @@ from relayd.agents.upgrade import (
     refusal_headers,
     refusal_response,
 )
-from relayd.agents.wire import WireTransport
-from relayd.asgi import Receive, Scope, Send
-from relayd.hypercorn_fixes import ConnectionTerms, WriteLimits
+from relayd.front.sockets import ConnectionTerms, WriteLimits
+from relayd.front.websocket_wire import WireTransport
 from relayd.protocol import CloseCode
 from relayd.protocol.v2 import SUBPROTOCOL
 from relayd.proxies import TrustedProxies
@@ -124,7 +124,7 @@ class AgentEndpoint:
     """``/client/register`` and ``/agent/<key>/client/register``.
 
     Served two ways: :meth:`server_for` takes an agent's connection from the server
-    loop and runs it on the wire path (:mod:`relayd.agents.wire`, the usual
+    loop and runs it on the wire path (:mod:`relayd.front.websocket_wire`, the usual
     case); calling the endpoint as an ASGI app serves an upgrade that reached
     Hypercorn instead (one sent after another request on a keep-alive
     connection, or one the wire path's strict parser declined).
@@ -169,7 +169,7 @@ class AgentEndpoint:
             return Refusal(credential.status, credential.reason)
         return credential
 
-    # -- the wire path (hypercorn_fixes.Takeover) ------------------------------------
+    # -- the wire path (relayd.front.sockets.Takeover) -----------------------------
 
     def might_serve(self, first_bytes: bytes) -> bool:
         return may_be_agent_upgrade(first_bytes)

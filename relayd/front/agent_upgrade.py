@@ -1,6 +1,6 @@
 """The HTTP side of an agent's WebSocket upgrade, without I/O.
 
-relayd serves agent connections on its own wire path (:mod:`relayd.agents.wire`)
+relayd serves agent connections on its own wire path (:mod:`relayd.front.websocket_wire`)
 rather than through Hypercorn's ASGI WebSocket stack, which costs a second task,
 a message queue and several layers per frame on every agent. That path starts
 here: :func:`parse_agent_upgrade` reads a connection's first request head and
@@ -27,7 +27,7 @@ from wsproto.utilities import generate_accept_token
 
 from relayd.agents.auth import agent_key_from_path
 from relayd.errors import retry_after_header
-from relayd.http1 import MAX_HEAD
+from relayd.front.http1 import MAX_HEAD
 
 __all__ = [
     "AgentUpgrade",

@@ -4,14 +4,14 @@ Through Hypercorn, each request passed h11's state machine, a stream object,
 ASGI message dicts and an app task with its queue: together about half of
 relayd's CPU per request, on the path of every request (``relayd bench``
 profiles: docs/performance.md). A connection whose
-first request is a plain ``POST /api/ask`` (:func:`relayd.http1.parse_ask_head`)
+first request is a plain ``POST /api/ask`` (:func:`relayd.front.http1.parse_ask_head`)
 is served here instead: its task reads and parses requests, and each answer
 is worked out by :meth:`relayd.ask.AskEndpoint.answer`, the same code as on
 Hypercorn's path, in a task of its own.
 
 That second task lets the connection's task keep reading while an agent
 works, so that a client who disconnects has its request cancelled at once
-(as ``relayd.hypercorn_fixes`` does for Hypercorn's connections), and its
+(as ``relayd.front.server`` does for Hypercorn's connections), and its
 place in the queue freed. A request that arrives before the previous answer
 (HTTP pipelining) waits for it; answers go out in order.
 
@@ -19,7 +19,7 @@ What Hypercorn did and this does too: keep-alive, with the idle allowance of
 ``server.idle_timeout`` between requests (a request head must be complete
 within it); ``Connection: close``; ``Expect: 100-continue`` (curl sends it for
 larger bodies); a ``Date`` header; ``Connection: close`` on every answer once
-shutdown has begun; bounded writes (:class:`~relayd.hypercorn_fixes.WriteLimits`).
+shutdown has begun; bounded writes (:class:`~relayd.front.sockets.WriteLimits`).
 A request body that stops arriving for ``server.idle_timeout`` is answered
 408 and the connection closed (as AskEndpoint does on Hypercorn's path).
 
@@ -40,7 +40,7 @@ import trio
 
 from relayd.ask import DISCARD_WAIT, Caller, ClientGone, HttpReply, JsonEndpoint
 from relayd.errors import RelayError
-from relayd.http1 import (
+from relayd.front.http1 import (
     CONTINUE,
     AskHead,
     HttpDate,
@@ -51,21 +51,19 @@ from relayd.http1 import (
     parse_ask_head,
     response_bytes,
 )
-from relayd.hypercorn_fixes import ConnectionTerms, HandBack, read_some
+from relayd.front.sockets import RECEIVE_SIZE, ConnectionTerms, HandBack, read_some
 from relayd.web import error_body
 
 __all__ = ["AskConnection", "AskWire"]
 
 log = logging.getLogger("relayd.api")
 
-RECEIVE_SIZE = 2**16
-
 
 class AskWire:
-    """The :class:`~relayd.hypercorn_fixes.Takeover` for ``/api/ask`` clients."""
+    """The :class:`~relayd.front.sockets.Takeover` for ``/api/ask`` clients."""
 
     def __init__(self, endpoints: Mapping[str, JsonEndpoint]) -> None:
-        self._endpoints = endpoints  # by route (see relayd.http1.REQUEST_LINES)
+        self._endpoints = endpoints  # by route (see relayd.front.http1.REQUEST_LINES)
         self._endpoint = next(iter(endpoints.values()))  # they share max_body
         self._date = HttpDate()
 

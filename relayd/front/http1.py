@@ -1,10 +1,10 @@
 """HTTP/1.1 for ``POST /api/ask`` on the wire path, without I/O.
 
 Every client request is a ``POST /api/ask``, and relayd serves a connection
-that starts with one on its own loop (:mod:`relayd.ask_wire`) rather than
+that starts with one on its own loop (:mod:`relayd.front.ask_wire`) rather than
 through Hypercorn, whose per-request machinery (h11's state machine, a stream
 object, ASGI message dicts, a queue) was about half of the relay's CPU per
-request. Like :mod:`relayd.agents.upgrade`, this module need only be right
+request. Like :mod:`relayd.front.agent_upgrade`, this module need only be right
 about what it accepts: a request head it does not recognise as plain and
 well-formed raises :class:`NotPlainAsk`, and the connection goes to Hypercorn
 with every byte unread, to be answered exactly as it always was.

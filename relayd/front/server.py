@@ -5,7 +5,7 @@ Everything here reaches into Hypercorn internals (``TCPServer``, ``Lifespan``,
 private name relied on is checked by tests/test_hypercorn_contract.py, and
 each fix has a regression test (tests/test_hostile.py).
 :func:`serve_guarded` replaces ``hypercorn.trio.serve`` for plain-TCP and Unix
-listeners (relayd does not terminate TLS itself). What it fixes:
+listeners, plain or TLS (:mod:`relayd.tls`). What it fixes:
 
 1. **One bad request killed the process.** A WebSocket upgrade request with
    bytes after the headers gets a 400, then an h11 ``LocalProtocolError``
@@ -41,14 +41,13 @@ listeners (relayd does not terminate TLS itself). What it fixes:
    the app still waits for WebSocket messages; the connection is now ended
    and its app cancelled.
 
-Beyond fixes: a :class:`Takeover` may serve a connection itself, chosen by
-its first request head (relayd's agent WebSockets, :mod:`relayd.agents.wire`,
-and its ``/api/ask`` clients, :mod:`relayd.ask_wire`), and hand it back to
-Hypercorn later;
-socket writes take what the socket accepts at once with one system call
-(:func:`write_now`) and reads skip trio's extra pass through the scheduler
-(:func:`read_some`); each connection has a lean mutex instead of Hypercorn's
-``trio.Lock`` (memory per idle agent is a measured target).
+Beyond fixes: a :class:`~relayd.front.sockets.Takeover` may serve a
+connection itself, chosen by its first request head (relayd's agent
+WebSockets, :mod:`relayd.front.websocket_wire`, and its ``/api/ask`` clients,
+:mod:`relayd.front.ask_wire`), and hand it back to Hypercorn later; socket
+writes and reads use the helpers of :mod:`relayd.front.sockets`; each
+connection has a lean mutex instead of Hypercorn's ``trio.Lock`` (memory per
+idle agent is a measured target).
 """
 
 from __future__ import annotations
@@ -57,13 +56,11 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import h11
 import trio
@@ -72,7 +69,7 @@ from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState, LifespanState
 from hypercorn.utils import (
@@ -83,241 +80,28 @@ from hypercorn.utils import (
     wrap_app,
 )
 
-from relayd.http1 import MAX_HEAD
+from relayd.front.sockets import (
+    RECEIVE_SIZE,
+    ConnectionTerms,
+    HandBack,
+    Lifecycle,
+    Takeover,
+    WriteLimits,
+    read_rest_of_head,
+    read_some,
+)
 from relayd.proxies import ProxyProtocolError, TrustedProxies, parse_proxy_header
 from relayd.sync import LeanLock
 from relayd.tls import TlsListener, TlsTerms
 
-__all__ = [
-    "MAX_HEAD",
-    "WRITE_TIMEOUT",
-    "ConnectionTerms",
-    "GuardedTCPServer",
-    "HandBack",
-    "Lifecycle",
-    "Takeover",
-    "WriteLimits",
-    "read_some",
-    "serve_guarded",
-    "write_now",
-]
+__all__ = ["GuardedTCPServer", "serve_guarded"]
 
 log = logging.getLogger("relayd.server")
 
-# A peer must accept a write within this time or lose its connection.
-WRITE_TIMEOUT = 30.0
 # A lingering close reads and drops what the client still sends for at most this
 # long, and this many bytes (see GuardedTCPServer._close).
 LINGER_TIME = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
-
-
-def write_now(stream: trio.abc.Stream, data: bytes) -> int | None:
-    """Write what a socket stream takes without waiting: the byte count (0 for
-    other streams), or None if the socket is closed or the peer has gone.
-
-    Hypercorn and trio write with a shielded, deadlined ``send_all`` that also
-    passes through the scheduler; most frames and responses fit in the socket
-    buffer at once, and this writes them for the cost of the system call. The
-    caller holds the stream's write lock and sends any remainder with
-    :meth:`WriteLimits.send_all`.
-    """
-    if not isinstance(stream, trio.SocketStream):
-        return 0
-    descriptor = stream.socket.fileno()
-    if descriptor < 0:  # closed (a write was cut short)
-        return None
-    try:
-        return os.write(descriptor, data)
-    except BlockingIOError:
-        return 0
-    except OSError:  # reset, broken pipe
-        return None
-
-
-async def read_some(stream: trio.abc.Stream, max_bytes: int, *, drained: bool = False) -> bytes:
-    """The next bytes from ``stream``; b"" at its end, or once it is closed or reset.
-
-    On a socket stream: a non-blocking read on its descriptor, waiting for it
-    to be readable when it is not. Trio's ``receive_some`` passes through the
-    scheduler once more after a read that had to wait, on every request's path.
-
-    ``drained``: the caller's last read took everything there was (it came
-    back short of its limit), so this one waits for readability first rather
-    than try a read that would almost surely fail: after an agent's frame the
-    agent waits for the relay, and a failed read is a system call and an
-    exception for nothing. If data is there after all, the wait ends at the
-    event loop's next poll, one pass through the scheduler later.
-    """
-    if not isinstance(stream, trio.SocketStream):
-        try:
-            return bytes(await stream.receive_some(max_bytes))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
-    waited = False
-    read_now = not drained
-    while True:
-        descriptor = stream.socket.fileno()
-        if descriptor < 0:  # closed under us (a write cut short)
-            return b""
-        data = None
-        if read_now:
-            try:
-                data = os.read(descriptor, max_bytes)
-            except BlockingIOError:
-                pass  # wait outside the handler: it would keep the exception alive
-            except OSError:  # reset
-                return b""
-        if data is not None:
-            if not waited:
-                await trio.lowlevel.checkpoint()  # data was there: still let others run
-            return data
-        read_now = True
-        try:
-            await trio.lowlevel.wait_readable(stream.socket)
-        except trio.ClosedResourceError:
-            return b""
-        waited = True
-
-
-class WriteLimits:
-    """Deadlines for the shielded socket writes of one server.
-
-    A write is shielded from cancellation (a half-written frame would corrupt
-    the stream), so nothing but its own deadline can stop it. That deadline is
-    the earliest of: :data:`WRITE_TIMEOUT` from now, the writer's own deadline
-    (a request's ``requests.timeout`` must hold even against an agent that
-    stopped reading), and, once shutdown starts, the end of the graceful period.
-    """
-
-    def __init__(self) -> None:
-        self.shutdown_deadline = math.inf
-        self.active: set[trio.CancelScope] = set()
-
-    def deadline(self) -> float:
-        return min(
-            trio.current_time() + WRITE_TIMEOUT,
-            trio.current_effective_deadline(),
-            self.shutdown_deadline,
-        )
-
-    def shut_down_by(self, deadline: float) -> None:
-        self.shutdown_deadline = deadline
-        for scope in self.active:
-            scope.deadline = min(scope.deadline, deadline)
-
-    async def write(self, stream: trio.abc.Stream, data: bytes) -> bool:
-        """Write ``data`` whole: what the socket takes at once (:func:`write_now`),
-        the rest with :meth:`send_all`. False as for :meth:`send_all`."""
-        written = write_now(stream, data)
-        if written == len(data):
-            return True
-        return written is not None and await self.send_all(stream, data[written:])
-
-    async def send_all(self, stream: trio.abc.Stream, data: bytes) -> bool:
-        """Write ``data`` whole, shielded, within :meth:`deadline`.
-
-        False if the peer has gone, or did not take the data in time (its
-        stream is then closed: a write cut short leaves it unusable). The
-        caller serialises writes to one stream.
-        """
-        try:
-            with trio.CancelScope(shield=True, deadline=self.deadline()) as scope:
-                self.active.add(scope)
-                try:
-                    await stream.send_all(data)
-                finally:
-                    self.active.discard(scope)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        if scope.cancelled_caught:
-            log.info("peer is not reading, write cut short: closing its connection")
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
-            return False
-        return True
-
-
-class Lifecycle:
-    """One server's shutdown as its connections see it.
-
-    :meth:`stop_accepting` (at SIGTERM) makes ``stopping`` true: every
-    connection answers its request under way with ``Connection: close``, and a
-    connection that is idle now (between requests) is closed at once, so that
-    its client's next request goes to the next relayd (the listening socket
-    outlives the process under socket activation). Requests already under way
-    carry on.
-    """
-
-    def __init__(self) -> None:
-        self.stopping = False
-        self._idle: set[Callable[[], None]] = set()  # how to close each idle connection
-
-    def stop_accepting(self) -> None:
-        self.stopping = True
-        for close in list(self._idle):
-            close()
-
-    def idle(self, close: Callable[[], None]) -> None:
-        """A connection is idle; ``close`` ends its wait (now, if stopping)."""
-        if self.stopping:
-            close()
-        else:
-            self._idle.add(close)
-
-    def busy(self, close: Callable[[], None]) -> None:
-        self._idle.discard(close)
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionTerms:
-    """What a connection a :class:`Takeover` serves must keep to, as Hypercorn's do."""
-
-    writes: WriteLimits
-    keep_alive_timeout: float  # how long a connection may sit idle between requests
-    stopping: Callable[[], bool]  # the server is shutting down: no new keep-alive cycles
-    # When the connection became idle (it opened): the head that the takeover was
-    # handed must be complete by idle_since + keep_alive_timeout, not later.
-    idle_since: float
-    life: Lifecycle = field(default_factory=Lifecycle)  # idle connections close at SIGTERM
-
-
-@dataclass(frozen=True, slots=True)
-class HandBack:
-    """A connection a :class:`Takeover` returns to Hypercorn: the bytes it read
-    and did not serve, and since when the connection has been idle (so that a
-    request head that started arriving before the hand-back keeps its deadline)."""
-
-    data: bytes
-    idle_since: float
-
-
-class Takeover(Protocol):
-    """Serves some connections instead of Hypercorn, chosen by their first request.
-
-    relayd's agent WebSockets (:mod:`relayd.agents.wire`) and its ``/api/ask``
-    clients (:mod:`relayd.ask_wire`) are served this way: no ASGI layers, no
-    h11 state machine. A connection not claimed goes to Hypercorn with the
-    bytes already read, so declining is always safe.
-    """
-
-    def might_serve(self, first_bytes: bytes) -> bool:
-        """Whether to read the rest of the request head before deciding."""
-
-    def server_for(
-        self,
-        head: bytes,
-        stream: trio.abc.Stream,
-        client: tuple[str, int] | None,
-        terms: ConnectionTerms,
-    ) -> Awaitable[HandBack | None] | None:
-        """The coroutine that serves the connection, or None to leave it to Hypercorn.
-
-        It may use ``stream`` until it returns. It returns None when the
-        connection is over (the server closes it), or a :class:`HandBack`:
-        Hypercorn then serves the rest of the connection, starting with the
-        bytes it holds.
-        """
 
 
 class GuardedTCPServer(TCPServer):
@@ -391,18 +175,14 @@ class GuardedTCPServer(TCPServer):
         with trio.CancelScope(deadline=self._read_deadline()) as scope:
             self._life.idle(scope.cancel)  # nothing asked yet: close it at SIGTERM
             try:
-                data = await read_some(self.stream, MAX_RECV)
+                data = await read_some(self.stream, RECEIVE_SIZE)
             finally:
                 self._life.busy(scope.cancel)
             proxies = self._proxy_protocol()
             if proxies is not None and proxies.trusts(self._peer()[0]):
                 data = await self._take_proxy_header(data)
             if any(takeover.might_serve(data) for takeover in self._takeovers):
-                while b"\r\n\r\n" not in data and len(data) < MAX_HEAD:
-                    more = await read_some(self.stream, MAX_RECV)
-                    if not more:
-                        break
-                    data += more
+                data = await read_rest_of_head(self.stream, data)
         return data
 
     async def _take_proxy_header(self, data: bytes) -> bytes:
@@ -417,7 +197,7 @@ class GuardedTCPServer(TCPServer):
                 if header.client is not None:
                     self._client = header.client
                 return data[header.length :]
-            more = await read_some(self.stream, MAX_RECV)
+            more = await read_some(self.stream, RECEIVE_SIZE)
             if not more:
                 return b""
             data += more
@@ -531,7 +311,7 @@ class GuardedTCPServer(TCPServer):
                         self._read_scope = scope
                         self._life.idle(self._end_idle_read)
                         try:
-                            data = await read_some(self.stream, MAX_RECV)
+                            data = await read_some(self.stream, RECEIVE_SIZE)
                         finally:
                             self._read_scope = None
                             self._life.busy(self._end_idle_read)

@@ -14,7 +14,7 @@ docs/performance.md.
 What Hypercorn did for agent sockets and this transport does too: answer
 WebSocket pings, complete the closing handshake, refuse a message over
 ``agents.max_message`` with 1009, fail the connection on a framing or UTF-8
-error (1002/1007), and bound every write (:class:`~relayd.hypercorn_fixes.WriteLimits`).
+error (1002/1007), and bound every write (:class:`~relayd.front.sockets.WriteLimits`).
 It declines compression (permessage-deflate is optional for both sides; the
 protocol's frames are small). Frames are read only when the session asks for
 the next one, so an agent that floods is held back by TCP flow control rather
@@ -40,12 +40,11 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
-from relayd.hypercorn_fixes import WriteLimits, read_some, write_now
+from relayd.front.sockets import RECEIVE_SIZE, WriteLimits, read_some, write_now
 from relayd.sync import LeanLock
 
 __all__ = ["WireTransport"]
 
-RECEIVE_SIZE = 2**16
 # After our close frame, how long to wait for the agent's before dropping the socket.
 CLOSE_WAIT = 2.0
 
