@@ -47,7 +47,7 @@ from relayd.locate import (
     is_system_install,
     prepare_state_dir,
 )
-from relayd.state import RelayState, load_agent_keys
+from relayd.state import Snapshot, load_agent_keys
 from relayd.tls import find_tls_files, tls_context
 from relayd.users import UserStore, UserStoreError
 
@@ -314,7 +314,7 @@ def _store(args: argparse.Namespace, config: Config, environ: dict[str, str]) ->
 
 def serve(args: argparse.Namespace, environ: dict[str, str], seed_key: str | None) -> int:
     # Imported here so that `relayd users ...` does not pay for Hypercorn and Quart.
-    from relayd.daemon import Daemon
+    from relayd.daemon import Daemon, assemble
     from relayd.systemd import Notifier
     from relayd.tls import TlsTerms
 
@@ -348,10 +348,8 @@ def serve(args: argparse.Namespace, environ: dict[str, str], seed_key: str | Non
     elif not agent_keys:
         log.info("no agent keys configured: only agents on loopback can connect")
     config_path = find_config_path(getattr(args, "config", None), environ)
-    state = RelayState(
-        config=config,
-        users=users,
-        agent_keys=agent_keys,
+    state, heartbeat = assemble(
+        Snapshot(config, users, agent_keys),
         admin=admin,
         store=store,
         state_dir=store.path.parent,
@@ -376,7 +374,7 @@ def serve(args: argparse.Namespace, environ: dict[str, str], seed_key: str | Non
         log.error("%s", error)
         return EXIT_ERROR
     notifier = Notifier.from_environ(environ, unset_environment=True)
-    daemon = Daemon(state, reload_config, notifier, environ, tls=tls)
+    daemon = Daemon(state, heartbeat, reload_config, notifier, environ, tls=tls)
     try:
         return _run_daemon(daemon)
     except KeyboardInterrupt:

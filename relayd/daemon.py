@@ -4,8 +4,10 @@ Task tree (everything has an owner; nothing outlives ``run``)::
 
     run()
     └─ root nursery
+       ├─ the state file's writer (relayd.persist)
        ├─ front.server.serve_guarded (started with nursery.start → READY=1)
        │  └─ per-connection tasks; agent sessions run inside their handlers
+       ├─ the heartbeat (one task for every agent)
        ├─ watchdog loop (only when systemd asked for one)
        ├─ status loop (STATUS= when the numbers change)
        └─ the signal loop, in run() itself: SIGHUP reload, SIGTERM/SIGINT stop
@@ -30,6 +32,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 import trio
@@ -38,13 +41,16 @@ from hypercorn.typing import ASGIFramework
 
 from relayd import logs
 from relayd.agents.auth import AgentKeys
+from relayd.agents.heartbeat import Heartbeat
 from relayd.api import AsgiApp, agent_endpoint, create_asgi_app
 from relayd.ask import AskEndpoint
 from relayd.config import Config, ConfigError, plural
+from relayd.dispatch import Dispatcher
 from relayd.front.ask_wire import AskWire
 from relayd.front.server import serve_guarded
 from relayd.front.sockets import Takeover
 from relayd.idempotency import Recorded
+from relayd.locate import AdminKey
 from relayd.openai_api import ChatCompletionsEndpoint
 from relayd.persist import Change, StateFile, StoredAnswer, answer_row, conversation_row
 from relayd.protocol import CloseCode
@@ -53,9 +59,9 @@ from relayd.state import RelayState, Snapshot, load_agent_keys
 from relayd.stopping import HARD_STOP_MARGIN, hard_stop_after
 from relayd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
 from relayd.tls import TlsTerms, find_tls_files, tls_context
-from relayd.users import UserStoreError, UserTable
+from relayd.users import UserStore, UserStoreError, UserTable
 
-__all__ = ["Daemon", "hypercorn_config", "tune_gc"]
+__all__ = ["Daemon", "assemble", "hypercorn_config", "tune_gc"]
 
 log = logging.getLogger("relayd")
 
@@ -112,6 +118,32 @@ def hypercorn_config(config: Config, binds: list[str]) -> HypercornConfig:
     return hypercorn_settings
 
 
+def assemble(
+    snapshot: Snapshot,
+    *,
+    admin: AdminKey,
+    store: UserStore,
+    state_dir: Path,
+    config_path: Path | None = None,
+) -> tuple[RelayState, Heartbeat]:
+    """The daemon's long-lived objects, each built once, here: the heartbeat
+    (its task is :meth:`Daemon.run`'s), the dispatcher it is handed to (which
+    also holds the agent keys it admits with), and the state the routes share.
+    """
+    heartbeat = Heartbeat(snapshot.config.agents)
+    dispatcher = Dispatcher(snapshot.config, agent_keys=snapshot.agent_keys, heartbeat=heartbeat)
+    state = RelayState(
+        config=snapshot.config,
+        users=snapshot.users,
+        admin=admin,
+        store=store,
+        state_dir=state_dir,
+        dispatcher=dispatcher,
+        config_path=config_path,
+    )
+    return state, heartbeat
+
+
 @dataclass
 class Daemon:
     """One run of the daemon, from binding to exit.
@@ -121,6 +153,7 @@ class Daemon:
     """
 
     state: RelayState
+    heartbeat: Heartbeat  # the dispatcher's, run here (see assemble)
     reload_config: Callable[[], Config]
     notifier: Notifier
     environ: dict[str, str]
@@ -163,7 +196,7 @@ class Daemon:
                     log.info("systemd watchdog: pinging every %.1fs", interval)
                     root.start_soon(watchdog_loop, self.notifier, interval)
                 root.start_soon(self._status_loop)
-                root.start_soon(self.state.dispatcher.heartbeat.run)
+                root.start_soon(self.heartbeat.run)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         await self.reload()

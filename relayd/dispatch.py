@@ -11,8 +11,13 @@ The :class:`Dispatcher` owns:
   without scanning the queue;
 * the one deadline of a request (``requests.timeout``) and retries on other
   agents for requests that are not part of a conversation;
-* the :class:`~relayd.agents.session.SessionHost` side of sessions: admission,
-  id reclaiming, and slot accounting.
+* the :class:`~relayd.agents.session.SessionHost` side of sessions: admission
+  (against the agent keys it is handed, so that a key revoked while an agent
+  is mid-handshake cannot slip in), id reclaiming, and slot accounting.
+
+It does not own the :class:`~relayd.agents.heartbeat.Heartbeat`: the daemon
+builds and runs it and hands it in; the dispatcher gives it each session it
+admits, and a reload's settings (:meth:`Dispatcher.apply`).
 
 It knows nothing of sockets, HTTP status codes or authentication: failures are
 the domain errors of :mod:`relayd.errors`.
@@ -36,6 +41,7 @@ from typing import Any
 
 import trio
 
+from relayd.agents.auth import AgentKeys
 from relayd.agents.heartbeat import Heartbeat
 from relayd.agents.pool import AgentPool, eligible
 from relayd.agents.session import (
@@ -156,10 +162,18 @@ class _Waiter:
 class Dispatcher:
     """Routes questions to agents. One per daemon; see the module docstring."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        agent_keys: AgentKeys,
+        heartbeat: Heartbeat,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.config = config
+        self._agent_keys = agent_keys
         self.pool = AgentPool()
-        self.heartbeat = Heartbeat(self.agents_config)  # its owner runs heartbeat.run()
+        self.heartbeat = heartbeat  # watches each admitted session; its owner runs it
         self.conversations = Conversations(
             ttl=config.conversations.ttl, limit=config.conversations.max
         )
@@ -178,24 +192,32 @@ class Dispatcher:
         self._draining_relay = False  # see drain()
         self._agent_arrived = trio.Event()
         self._closing = False
-        # Whether an agent credential is still accepted; the state sets it so that
-        # a key revoked while an agent is mid-handshake cannot slip in.
-        self.credential_valid: Callable[[str], bool] = lambda credential: True
         self._active: set[trio.CancelScope] = set()  # one per ask() under way
         self._aborted = False  # abort_all() was called
         self._idle = trio.Event()
 
     # -- configuration ---------------------------------------------------------
 
-    def apply_config(self, config: Config) -> None:
-        """Take a reloaded configuration: limits apply to the next decision."""
+    def apply(self, config: Config, agent_keys: AgentKeys) -> None:
+        """Take a reload: limits apply to the next decision, the heartbeat's
+        settings from each session's next turn, and an agent whose key is gone
+        is disconnected."""
         self.config = config
+        self._agent_keys = agent_keys
+        self.heartbeat.configure(config.agents)
         self.conversations.configure(ttl=config.conversations.ttl, limit=config.conversations.max)
         capacity = config.agents.max_inflight
         for session in self.pool:
-            if session.version == 1 and session.capacity != capacity:
+            if not agent_keys.still_valid(session.credential):
+                log.warning("agent key revoked, disconnecting: %s", session)
+                session.request_close(CloseCode.POLICY_VIOLATION, "agent key revoked")
+            elif session.version == 1 and session.capacity != capacity:
                 self.pool.resize(session, capacity)
                 self._offer(session)
+
+    @property
+    def agent_keys(self) -> AgentKeys:
+        return self._agent_keys
 
     def agents_config(self) -> AgentsConfig:
         return self.config.agents
@@ -210,7 +232,7 @@ class Dispatcher:
         """Register a session; let it reclaim an earlier id if it proves it may."""
         if self._closing or self._draining_relay:
             raise AdmissionRefused("relayd is shutting down", CloseCode.GOING_AWAY)
-        if not self.credential_valid(session.credential):
+        if not self._agent_keys.still_valid(session.credential):
             raise AdmissionRefused("agent key revoked", CloseCode.POLICY_VIOLATION)
         replaces_itself = (
             hello.is_reclaim

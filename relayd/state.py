@@ -4,7 +4,10 @@
 table, the admin key and the accepted agent keys. Each field is an immutable
 snapshot; a reload builds all the new snapshots first and then assigns them,
 so a request sees either the old state or the new one, and a failed reload
-leaves everything as it was.
+leaves everything as it was. It also carries the services the routes share
+(the dispatcher, the throttle, the idempotency store); the dispatcher is
+built by the daemon (:func:`relayd.daemon.assemble`), which runs its
+heartbeat, and handed in.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from relayd.config import Config, read_keys_file
 from relayd.dispatch import Dispatcher
 from relayd.idempotency import IdempotencyStore
 from relayd.locate import AdminKey
-from relayd.protocol import CloseCode
 from relayd.proxies import TrustedProxies
 from relayd.throttle import FailureThrottle
 from relayd.users import UserStore, UserTable
@@ -67,12 +69,11 @@ class RelayState:
 
     config: Config
     users: UserTable
-    agent_keys: AgentKeys
     admin: AdminKey
     store: UserStore
     state_dir: Path
+    dispatcher: Dispatcher
     config_path: Path | None = None
-    dispatcher: Dispatcher = field(init=False)
     store_lock: trio.Lock = field(default_factory=trio.Lock)
     reload_hooks: list[Callable[[Config], None]] = field(default_factory=list)
 
@@ -81,10 +82,6 @@ class RelayState:
     idempotency: IdempotencyStore = field(init=False)  # Idempotency-Key answers
 
     def __post_init__(self) -> None:
-        self.dispatcher = Dispatcher(self.config)
-        self.dispatcher.credential_valid = lambda credential: self.agent_keys.still_valid(
-            credential
-        )
         self.throttle = FailureThrottle(**throttle_settings(self.config))
         self.proxies = TrustedProxies(self.config.server.trusted_proxies)
         requests = self.config.requests
@@ -92,14 +89,15 @@ class RelayState:
             ttl=requests.idempotency_ttl, limit=requests.idempotency_max
         )
 
+    @property
+    def agent_keys(self) -> AgentKeys:
+        """The accepted agent keys: the dispatcher's, which admits agents with them."""
+        return self.dispatcher.agent_keys
+
     def apply(self, snapshot: Snapshot) -> None:
-        """Swap in a reloaded snapshot; disconnect agents whose key is gone."""
-        self.config, self.users, self.agent_keys = (
-            snapshot.config,
-            snapshot.users,
-            snapshot.agent_keys,
-        )
-        self.dispatcher.apply_config(snapshot.config)
+        """Swap in a reloaded snapshot (the dispatcher disconnects agents whose key is gone)."""
+        self.config, self.users = snapshot.config, snapshot.users
+        self.dispatcher.apply(snapshot.config, snapshot.agent_keys)
         self.throttle.configure(**throttle_settings(snapshot.config))
         self.proxies = TrustedProxies(snapshot.config.server.trusted_proxies)
         self.idempotency.configure(
@@ -108,10 +106,6 @@ class RelayState:
         )
         for hook in self.reload_hooks:
             hook(snapshot.config)
-        for session in self.dispatcher.pool:
-            if not snapshot.agent_keys.still_valid(session.credential):
-                log.warning("agent key revoked, disconnecting: %s", session)
-                session.request_close(CloseCode.POLICY_VIOLATION, "agent key revoked")
 
     def set_users(self, users: UserTable) -> None:
         self.users = users

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -39,7 +40,10 @@ from typing import Generic, TypeVar
 import trio
 import trio.testing
 
+from relayd.agents.auth import AgentKeys
+from relayd.agents.heartbeat import Heartbeat
 from relayd.agents.session import AgentSession, SessionHost
+from relayd.config import Config
 from relayd.dispatch import Dispatcher
 from relayd.protocol import (
     AgentConnection,
@@ -303,6 +307,47 @@ def open_session(
     return session, relay, end
 
 
+class EveryCredential(AgentKeys):
+    """Agent keys that keep every credential: for tests of what follows admission
+    by key (the key checks themselves are tested with real AgentKeys)."""
+
+    def still_valid(self, credential: str) -> bool:
+        return True
+
+
+EVERY_CREDENTIAL = EveryCredential(frozenset(), allow_loopback_without_key=True)
+
+D = TypeVar("D", bound=Dispatcher)
+
+
+def dispatcher_for(
+    config: Config, *, cls: type[D] = Dispatcher, agent_keys: AgentKeys = EVERY_CREDENTIAL
+) -> D:
+    """A dispatcher built as relayd.daemon.assemble builds it, with a heartbeat of its
+    own that :func:`connect_agent` starts in the test's nursery (the daemon's job)."""
+    return cls(config, agent_keys=agent_keys, heartbeat=Heartbeat(config.agents))
+
+
+# The heartbeats whose run() a test nursery runs now.
+_beating: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
+
+
+async def _run_heartbeat(heartbeat: Heartbeat) -> None:
+    _beating.add(heartbeat)
+    try:
+        await heartbeat.run()
+    finally:
+        _beating.discard(heartbeat)
+
+
+def start_heartbeat(nursery: trio.Nursery, host: SessionHost) -> None:
+    """Run a dispatcher's heartbeat in ``nursery`` unless it runs already, as the
+    daemon runs it beside the server."""
+    if isinstance(host, Dispatcher) and host.heartbeat not in _beating:
+        _beating.add(host.heartbeat)  # at once, before the task starts
+        nursery.start_soon(_run_heartbeat, host.heartbeat)
+
+
 async def connect_agent(
     nursery: trio.Nursery,
     host: SessionHost,
@@ -318,8 +363,7 @@ async def connect_agent(
     "Admitted" means the handshake is done and every task has settled
     (``wait_all_tasks_blocked``), so the host has registered it or refused it.
     """
-    if isinstance(host, Dispatcher) and not host.heartbeat.running:
-        nursery.start_soon(host.heartbeat.run)  # the daemon runs it; here the test's nursery
+    start_heartbeat(nursery, host)
     session, relay, end = open_session(host, credential=credential, connection_id=connection_id)
     agent = MemoryAgent(end, handler or echo(), reclaim_id=reclaim_id, answer_pings=answer_pings)
     nursery.start_soon(session.run)

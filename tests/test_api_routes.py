@@ -21,6 +21,7 @@ import trio.testing
 
 from relayd.api import STATUS, create_app, create_asgi_app, status_of
 from relayd.config import Config, parse_config
+from relayd.daemon import assemble
 from relayd.errors import (
     AgentFailed,
     AgentTimeout,
@@ -39,7 +40,7 @@ from relayd.errors import (
     UnknownConversation,
 )
 from relayd.locate import AdminKey
-from relayd.state import RelayState, load_agent_keys
+from relayd.state import RelayState, Snapshot, load_agent_keys
 from relayd.users import UserStore
 
 ADMIN_KEY = "the-real-admin-key-d2f1e0"
@@ -49,14 +50,13 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 def make_state(tmp_path: Path, config: Config | None = None) -> RelayState:
     config = config or parse_config({})
     store = UserStore(tmp_path)
-    return RelayState(
-        config=config,
-        users=store.load(),
-        agent_keys=load_agent_keys(config),
+    state, _ = assemble(
+        Snapshot(config, store.load(), load_agent_keys(config)),
         admin=AdminKey.of(ADMIN_KEY, "test"),
         store=store,
         state_dir=tmp_path,
     )
+    return state
 
 
 def client_for(state: RelayState) -> httpx.AsyncClient:

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from relayd.agents.auth import AgentKeys
 from relayd.agents.session import AgentSession
 from relayd.config import parse_config
 from relayd.dispatch import Answer, Dispatcher, Question
@@ -31,12 +32,14 @@ from relayd.errors import (
     UnknownConversation,
 )
 from relayd.protocol import AgentError, CloseCode, Reply, Request
+from relayd.users import secret_digest
 from tests.memory_transport import (
     HANG_UP,
     Background,
     Connected,
     HangUp,
     connect_agent,
+    dispatcher_for,
     echo,
     in_background,
     never,
@@ -66,7 +69,7 @@ def make_dispatcher(
             **(requests or {}),
         },
     }
-    return cls(parse_config(sections))
+    return dispatcher_for(parse_config(sections), cls=cls)
 
 
 def question(content: str, **fields: Any) -> Question:
@@ -950,7 +953,7 @@ async def test_raising_capacity_serves_waiters(
                 "requests": {"timeout": f"{TIMEOUT}s"},
             }
         )
-        dispatcher.apply_config(config)
+        dispatcher.apply(config, dispatcher.agent_keys)
         await trio.testing.wait_all_tasks_blocked()
     assert agent.session.capacity == 3
     # Both waiters were handed a slot at once (their frames may go in either order).
@@ -1038,3 +1041,68 @@ def test_new_uuid_makes_valid_distinct_version_4_uuids() -> None:
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
         assert str(parsed) == text
+
+
+# -- what the daemon hands in: agent keys and the heartbeat ------------------------------
+
+
+def key_credential(key: str) -> str:
+    """The credential an agent that presented ``key`` is admitted with."""
+    return "key:" + secret_digest(key).hex()
+
+
+async def test_a_key_revoked_before_admission_is_refused(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """The agent endpoint checked the key at the upgrade; a reload that drops it
+    while the agent is mid-handshake must not let it in."""
+    keys = AgentKeys.of(("key-one",), allow_loopback_without_key=False)
+    dispatcher = dispatcher_for(make_dispatcher().config, agent_keys=keys)
+    with trio.fail_after(60):
+        kept = await connect_agent(nursery, dispatcher, credential=key_credential("key-one"))
+        refused = await connect_agent(nursery, dispatcher, credential=key_credential("key-two"))
+        loopback = await connect_agent(nursery, dispatcher, credential="loopback")
+        await refused.end.wait_closed()
+        await loopback.end.wait_closed()
+    assert list(dispatcher.pool) == [kept.session]
+    assert refused.end.close_code == CloseCode.POLICY_VIOLATION
+    assert refused.end.close_reason == "agent key revoked"
+    assert loopback.end.close_code == CloseCode.POLICY_VIOLATION
+
+
+async def test_a_reload_without_an_agents_key_disconnects_only_that_agent(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    both = AgentKeys.of(("key-one", "key-two"), allow_loopback_without_key=False)
+    dispatcher = dispatcher_for(make_dispatcher().config, agent_keys=both)
+    with trio.fail_after(60):
+        one = await connect_agent(nursery, dispatcher, credential=key_credential("key-one"))
+        two = await connect_agent(nursery, dispatcher, credential=key_credential("key-two"))
+        only_two = AgentKeys.of(("key-two",), allow_loopback_without_key=False)
+        dispatcher.apply(dispatcher.config, only_two)
+        await one.end.wait_closed()
+        await trio.testing.wait_all_tasks_blocked()
+    assert one.end.close_code == CloseCode.POLICY_VIOLATION
+    assert one.end.close_reason == "agent key revoked"
+    assert two.session.is_open and list(dispatcher.pool) == [two.session]
+    assert dispatcher.agent_keys is only_two
+    with trio.fail_after(60):
+        answer = await dispatcher.ask(question("still served"))
+    assert answer.content == "echo:still served"
+
+
+async def test_a_reload_hands_the_heartbeat_its_new_interval(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """Pings every 5 s; a reload to 1 s at 7 s takes effect from the session's next
+    ping (10 s), then every second."""
+    dispatcher = make_dispatcher()
+    with trio.fail_after(600):
+        start = trio.current_time()
+        agent = await connect_agent(nursery, dispatcher)
+        await trio.sleep(7)
+        faster = parse_config({"agents": {"heartbeat_interval": "1s", "heartbeat_timeout": "15s"}})
+        dispatcher.apply(faster, dispatcher.agent_keys)
+        await trio.sleep(13.5 - 7)
+    times = [at - start for at, _ in agent.agent.pings]
+    assert times == pytest.approx([5, 10, 11, 12, 13])

@@ -41,6 +41,7 @@ from relayd.config import (
     load_config,
     parse_config,
 )
+from relayd.daemon import assemble
 from relayd.locate import AdminKey
 from relayd.protocol import (
     AgentConnection,
@@ -55,7 +56,7 @@ from relayd.protocol import (
     Request,
     State,
 )
-from relayd.state import RelayState
+from relayd.state import Snapshot
 from relayd.users import UserStore, UserTable
 
 EXAMPLES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -255,10 +256,9 @@ def asgi_app() -> Iterator[AsgiApp]:
                 "requests": {"max_content": "1KiB"},
             }
         )
-        state = RelayState(
-            config=config,
-            users=UserTable.of(()),
-            agent_keys=AgentKeys.of((), allow_loopback_without_key=True),
+        keys = AgentKeys.of((), allow_loopback_without_key=True)
+        state, _ = assemble(
+            Snapshot(config, UserTable.of(()), keys),
             admin=AdminKey.of(ADMIN_KEY, "tests"),
             store=UserStore(Path(directory)),
             state_dir=Path(directory),

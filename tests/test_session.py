@@ -30,6 +30,7 @@ from tests.memory_transport import (
     MemoryAgent,
     RelayEnd,
     connect_agent,
+    dispatcher_for,
     echo,
     in_background,
     never,
@@ -49,7 +50,7 @@ def make_dispatcher(**agents: object) -> Dispatcher:
         "max_message": "1KiB",
     }
     settings.update(agents)
-    return Dispatcher(parse_config({"agents": settings}))
+    return dispatcher_for(parse_config({"agents": settings}))
 
 
 def request(n: int) -> Request:

@@ -53,8 +53,10 @@ from tests.memory_transport import (
     Background,
     RelayEnd,
     connect_agent,
+    dispatcher_for,
     echo,
     in_background,
+    start_heartbeat,
     transport_pair,
 )
 
@@ -68,7 +70,7 @@ HANDSHAKE_TIMEOUT = 3.0
 def make_dispatcher(
     *, agents: dict[str, Any] | None = None, requests: dict[str, Any] | None = None
 ) -> Dispatcher:
-    return Dispatcher(
+    return dispatcher_for(
         parse_config(
             {
                 "agents": {
@@ -301,8 +303,7 @@ async def connect_v2(
 ) -> V2Connected:
     """A v2 session for a new V2MemoryAgent on ``host``; returns once welcomed
     (or refused) and everything has settled."""
-    if isinstance(host, Dispatcher) and not host.heartbeat.running:
-        nursery.start_soon(host.heartbeat.run)
+    start_heartbeat(nursery, host)
     relay, end = transport_pair()
     relay.answer_pings = answer_pings
     session = AgentSession(relay, host, credential=credential, remote="memory", version=2)
@@ -401,7 +402,8 @@ async def test_a_reload_of_max_inflight_leaves_a_v2_capacity_alone(
     with trio.fail_after(60):
         v2 = await connect_v2(nursery, dispatcher, capacity=3)
         v1 = await connect_agent(nursery, dispatcher)
-        dispatcher.apply_config(make_dispatcher(agents={"max_inflight": 5}).config)
+        config = make_dispatcher(agents={"max_inflight": 5}).config
+        dispatcher.apply(config, dispatcher.agent_keys)
     assert v2.session.capacity == 3
     assert v1.session.capacity == 5
     assert dispatcher.pool.statistics().capacity == 8

@@ -14,8 +14,11 @@ something; the ping is written from this task, straight to the socket when
 it takes the frame at once (the usual case), else by a short-lived task in
 this task's nursery, so that one agent that stopped reading holds up no one.
 
-A session whose entry comes up is checked against the current settings, so
-a reload's new interval or timeout applies from each session's next turn.
+Its owner (the daemon) runs :meth:`Heartbeat.run`; the dispatcher, which
+admits sessions, hands each one to :meth:`Heartbeat.watch` and passes on a
+reload's settings (:meth:`Heartbeat.configure`). A session whose entry comes
+up is checked against the current settings, so a reload's new interval or
+timeout applies from each session's next turn.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import heapq
 import itertools
 import logging
 import math
-from collections.abc import Callable
 
 import trio
 
@@ -40,17 +42,20 @@ log = logging.getLogger("relayd.agents")
 class Heartbeat:
     """Pings admitted sessions and drops silent ones; :meth:`run` is its task."""
 
-    def __init__(self, settings: Callable[[], AgentsConfig]) -> None:
+    def __init__(self, settings: AgentsConfig) -> None:
         self._settings = settings
         # (when to look at the session next, tie-breaker, session)
         self._schedule: list[tuple[float, int, AgentSession]] = []
         self._order = itertools.count()
         self._sleep: trio.CancelScope | None = None
-        self.running = False
+
+    def configure(self, settings: AgentsConfig) -> None:
+        """A reload's ``[agents]`` settings: each session's next turn uses them."""
+        self._settings = settings
 
     def watch(self, session: AgentSession) -> None:
         """Start the heartbeat of a session that has just been admitted."""
-        settings = self._settings()
+        settings = self._settings
         session.next_ping_at = session.heard_at + settings.heartbeat_interval
         due = self._push(session, settings)
         if self._sleep is not None and due < self._sleep.deadline:
@@ -58,14 +63,12 @@ class Heartbeat:
 
     async def run(self) -> None:
         """Run until cancelled."""
-        self.running = True
         try:
             async with trio.open_nursery() as slow_sends:
                 while True:
                     with trio.CancelScope(deadline=self._beat(slow_sends)) as self._sleep:
                         await trio.sleep_forever()
         finally:
-            self.running = False
             self._sleep = None
 
     def _beat(self, slow_sends: trio.Nursery) -> float:
@@ -77,7 +80,7 @@ class Heartbeat:
         the event loop handles many to a wake-up. A silent session is dropped
         exactly on time.
         """
-        settings = self._settings()
+        settings = self._settings
         now = trio.current_time()
         horizon = now + batch_window(settings.heartbeat_interval)
         schedule = self._schedule
