@@ -131,3 +131,38 @@ async def test_an_asterisk_target_is_not_mistaken_for_a_path(relayd: Relayd) -> 
         response = await client.response()
     assert response.status in (200, 204, 400, 404, 405)
     await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /no-such-route HTTP/1.1\r\n",
+        f"POST /agent/{KEY}/other HTTP/1.1\r\n".encode(),
+        b"POST /health HTTP/1.1\r\n",
+        b"POST /admin/users/add HTTP/1.1\r\nAuthorization: wrong-admin-key\r\n",
+    ],
+    ids=["404", "404-agent-path", "405", "401-admin"],
+)
+async def test_an_answer_before_the_body_never_strands_a_keep_alive_client(
+    relayd: Relayd, head: bytes
+) -> None:
+    """A response sent while the request's body is still to come: either the
+    connection carries the next request, or the response says
+    ``Connection: close`` and the connection ends. Closing without saying so
+    made keep-alive clients (httpx) send their next request into a closed
+    socket ("server disconnected without sending a response")."""
+    body = b'{"name": "x"}'
+    client = await open_connection(relayd)
+    request_head = head + b"Host: relay.example\r\nContent-Type: application/json\r\n"
+    request_head += b"Content-Length: %d\r\n\r\n" % len(body)
+    with trio.fail_after(10):
+        await client.send(request_head)
+        response = await client.response()  # sent before any byte of the body
+        assert response.status in (401, 404, 405), response
+        await client.send(body + get_request("/health"))
+        if response.header(b"connection") == b"close":
+            assert await client.rest() == b""
+        else:
+            assert (await client.response()).status == 200
+            assert response.status == 401  # only the admin route reads what it refused
+    await client.aclose()
