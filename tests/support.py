@@ -1,9 +1,11 @@
 """Running a real relayd for tests: a subprocess on a loopback socket.
 
-The test binds the listening socket itself (127.0.0.1, port 0) and hands it to
-relayd as ``--listen fd://N``, so there is no race for a free port; relayd says
-it is ready through a real ``NOTIFY_SOCKET`` datagram socket, exactly as it
-tells systemd, so no test polls for readiness.
+It is started as the bench starts its servers, on a
+:class:`relayd.bench.launch.Handover`: the test binds the listening socket
+itself (127.0.0.1, port 0) and hands it to relayd as ``--listen fd://N``, so
+there is no race for a free port; relayd says it is ready through a real
+``NOTIFY_SOCKET`` datagram socket, exactly as it tells systemd, so no test
+polls for readiness.
 
 Every wait here is bounded: a relayd that does not come up within
 ``START_TIMEOUT`` fails the test with its log.
@@ -21,6 +23,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from relayd.bench.launch import Handover, says, service_environment
+
+__all__ = [
+    "ADMIN_KEY",
+    "Relayd",
+    "console_script",
+    "relayd_command",
+    "service_environment",
+    "start_relayd",
+    "stop_all",
+]
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
@@ -67,7 +81,7 @@ class Relayd:
             except TimeoutError:
                 continue
             self.notifications.append(message)
-            if any(line.startswith(prefix) for line in message.splitlines()):
+            if says(message, prefix):
                 return message
 
     def signal(self, signum: int) -> None:
@@ -106,16 +120,6 @@ def console_script() -> str:
     return found
 
 
-def service_environment() -> dict[str, str]:
-    """This process's environment without anything that configures relayd or speaks for a
-    service manager (``RELAYD_*``, ``NOTIFY_SOCKET``, ``LISTEN_*``, ...)."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("RELAYD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "JOURNAL_"))
-    }
-
-
 def start_relayd(
     tmp_path: Path,
     *,
@@ -133,43 +137,35 @@ def start_relayd(
     state_dir = tmp_path / "state"
     if log_path is None:
         log_path = tmp_path / f"relayd-{time.monotonic_ns()}.log"
-    held = listener is not None
-    if listener is None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
-    port = listener.getsockname()[1]
-    notify_path = tmp_path / f"notify-{time.monotonic_ns()}.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    command = [*relayd_command(), "serve", "--listen", f"fd://{listener.fileno()}"]
+    handover = Handover.open(tmp_path, "relayd", listener=listener)
+    command = [*relayd_command(), "serve", "--listen", handover.listen_url]
     command += ["--state-dir", str(state_dir)]
     if config is not None:
         config_path = tmp_path / f"relayd-{time.monotonic_ns()}.toml"
         config_path.write_text(config)
         command += ["--config", str(config_path)]
     command += list(args)
-    environment = service_environment()
-    environment["NOTIFY_SOCKET"] = str(notify_path)
-    environment["RELAYD_CONFIG"] = str(tmp_path / "no-such-config.toml") if config is None else ""
-    if config is None:
-        environment.pop("RELAYD_CONFIG")
+    environment = handover.environment()
+    if config is not None:
+        environment["RELAYD_CONFIG"] = ""
     if admin_key is not None:
         environment["RELAYD_ADMIN_KEY"] = admin_key
     environment.update(env or {})
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            pass_fds=(listener.fileno(),),
-        )
-    if not held:  # else the caller keeps the socket, as systemd does, for the next relayd
-        listener.close()
-    relayd = Relayd(process, port, state_dir, log_path, notify, admin_key or "")
+    try:
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                pass_fds=handover.pass_fds,
+            )
+    except BaseException:
+        handover.close()
+        raise
+    handover.started()  # a caller's listener stays open, as systemd keeps it
+    relayd = Relayd(process, handover.port, state_dir, log_path, handover.notify, admin_key or "")
     if wait_ready:
         try:
             relayd.wait_notification("READY=1")

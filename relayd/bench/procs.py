@@ -1,10 +1,8 @@
 """Processes the bench starts and measures: relayd and the baseline server.
 
-A server is started the way tests/support.py starts relayd, and the way
-systemd would: the bench binds ``127.0.0.1:0`` itself and hands the socket over
-as ``fd://N`` (so there is no race for a free port), and the child says it is
-ready by sending ``READY=1`` to a datagram socket named by ``NOTIFY_SOCKET``
-(so nothing polls for readiness). Every wait is bounded.
+A server is started as systemd starts relayd, and as the tests do: on a
+:class:`~relayd.bench.launch.Handover` (its socket as ``fd://N``, READY=1 on
+``NOTIFY_SOCKET``). Every wait is bounded.
 
 CPU and memory figures come from ``/proc/<pid>/stat`` (utime + stime) and
 ``/proc/<pid>/status`` (VmRSS, VmHWM); they exist only on Linux, and only for
@@ -17,7 +15,6 @@ import contextlib
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,6 +23,8 @@ from pathlib import Path
 
 import trio
 
+from relayd.bench.launch import Handover, read_log_tail, says
+
 __all__ = [
     "UNPINNED",
     "CpuPlan",
@@ -33,11 +32,9 @@ __all__ = [
     "OpenFilesLimit",
     "ServerProcess",
     "ServerStartError",
-    "child_environment",
     "raise_open_files_limit",
     "read_cpu_seconds",
     "read_cpu_wait_seconds",
-    "read_log_tail",
     "read_memory",
     "read_system_busy_seconds",
     "start_server",
@@ -45,11 +42,7 @@ __all__ = [
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
-# Our listening socket's backlog (Hypercorn sets its own, config.backlog, on it again).
-BACKLOG = 1024
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-# Variables meant for this process (or a service manager) that a child must not see.
-_PRIVATE_ENV = ("RELAYD_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "JOURNAL_")
 
 
 class ServerStartError(Exception):
@@ -217,23 +210,6 @@ class CpuPlan:
 UNPINNED = CpuPlan()
 
 
-def read_log_tail(path: Path, lines: int = 30) -> str:
-    """The last ``lines`` lines of a child's log file ("" if it cannot be read)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def child_environment(extra: dict[str, str]) -> dict[str, str]:
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith(_PRIVATE_ENV)
-    }
-    environment.update(extra)
-    return environment
-
-
 async def start_server(
     name: str,
     arguments: Sequence[str],
@@ -243,23 +219,19 @@ async def start_server(
     ready_within: float = START_TIMEOUT,
     cpus: CpuPlan = UNPINNED,
 ) -> ServerProcess:
-    """Run ``python -m <arguments> --listen fd://N`` and wait for its READY=1.
+    """Run ``python -m <arguments>`` on a :class:`~relayd.bench.launch.Handover` and
+    wait for its READY=1.
 
     ``{fd}`` in ``arguments`` is replaced by the listening socket's number.
     Raises ServerStartError if the child exits or is not ready within ``ready_within``
     seconds.
     """
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    handover = Handover.open(workdir, name)
+    notify = trio.socket.from_stdlib_socket(handover.notify)
     try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(BACKLOG)
-        port = listener.getsockname()[1]
-        notify_path = workdir / f"{name}-notify.sock"
-        await notify.bind(str(notify_path))
+        descriptor = str(handover.listener.fileno())
         command = [sys.executable, "-m"]
-        command += [argument.replace("{fd}", str(listener.fileno())) for argument in arguments]
-        environment = child_environment({**(env or {}), "NOTIFY_SOCKET": str(notify_path)})
+        command += [argument.replace("{fd}", descriptor) for argument in arguments]
         log_path = workdir / f"{name}.log"
         with log_path.open("wb") as log_file:
             process = await trio.lowlevel.open_process(
@@ -267,12 +239,12 @@ async def start_server(
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=environment,
-                pass_fds=(listener.fileno(),),
+                env=handover.environment(env),
+                pass_fds=handover.pass_fds,
             )
+        handover.started()
         cpus.place_server(process.pid)
-        server = ServerProcess(name, process, port, log_path)
-        listener.close()
+        server = ServerProcess(name, process, handover.port, log_path)
         ready = False
         with trio.move_on_after(ready_within):
             ready = await _wait_ready(notify, process)
@@ -286,8 +258,8 @@ async def start_server(
             )
         return server
     finally:
-        listener.close()
         notify.close()
+        handover.close()
 
 
 async def _wait_ready(notify: trio.socket.SocketType, process: trio.Process) -> bool:
@@ -301,7 +273,6 @@ async def _wait_ready(notify: trio.socket.SocketType, process: trio.Process) -> 
 
         nursery.start_soon(watch_exit)
         while not ready:
-            message = (await notify.recv(65536)).decode(errors="replace")
-            ready = "READY=1" in message.splitlines()
+            ready = says((await notify.recv(65536)).decode(errors="replace"), "READY=1")
         nursery.cancel_scope.cancel()
     return ready

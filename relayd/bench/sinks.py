@@ -47,8 +47,8 @@ from pathlib import Path
 import trio
 
 from relayd.bench.fleet import Fleet, Tracker, bench_handler, content_for, number_of
+from relayd.bench.launch import read_log_tail, service_environment
 from relayd.bench.load import YOUNG_THRESHOLD
-from relayd.bench.procs import child_environment, read_log_tail
 
 __all__ = ["BusyAgents", "SinkStartError", "busy_agents", "main"]
 
@@ -110,7 +110,7 @@ async def busy_agents(
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log_file,
-            env=child_environment({}),
+            env=service_environment(),
         )
     assert process.stdin is not None and process.stdout is not None  # both are pipes
     agents.pid = process.pid
