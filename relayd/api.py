@@ -172,6 +172,10 @@ def create_app(state: RelayState) -> Quart:
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
+        if status in (404, 405):
+            # Refused by the router, before anything read the body: Hypercorn
+            # can carry the next request only once it has been read.
+            await drop_body()
         if status == 413:
             message = (
                 f"request body larger than server.max_body ({state.config.server.max_body} bytes)"
@@ -190,6 +194,8 @@ def create_app(state: RelayState) -> Quart:
             for name, value in error.get_headers():
                 if name.lower() == "allow":
                     response.headers["Allow"] = value
+        if g.get("relayd_close"):
+            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(Exception)

@@ -133,36 +133,56 @@ async def test_an_asterisk_target_is_not_mistaken_for_a_path(relayd: Relayd) -> 
     await client.aclose()
 
 
-@pytest.mark.parametrize(
-    "head",
-    [
-        b"POST /no-such-route HTTP/1.1\r\n",
-        f"POST /agent/{KEY}/other HTTP/1.1\r\n".encode(),
-        b"POST /health HTTP/1.1\r\n",
-        b"POST /admin/users/add HTTP/1.1\r\nAuthorization: wrong-admin-key\r\n",
-    ],
-    ids=["404", "404-agent-path", "405", "401-admin"],
-)
-async def test_an_answer_before_the_body_never_strands_a_keep_alive_client(
+REFUSED_HEADS = [
+    b"POST /no-such-route HTTP/1.1\r\n",
+    f"POST /agent/{KEY}/other HTTP/1.1\r\n".encode(),
+    b"POST /health HTTP/1.1\r\n",
+    b"POST /admin/users/add HTTP/1.1\r\nAuthorization: wrong-admin-key\r\n",
+]
+REFUSED_IDS = ["404", "404-agent-path", "405", "401-admin"]
+
+
+def refused_request_head(head: bytes, body: bytes) -> bytes:
+    head += b"Host: relay.example\r\nContent-Type: application/json\r\n"
+    return head + b"Content-Length: %d\r\n\r\n" % len(body)
+
+
+@pytest.mark.parametrize("head", REFUSED_HEADS, ids=REFUSED_IDS)
+async def test_a_refusal_whose_body_never_comes_says_connection_close(
     relayd: Relayd, head: bytes
 ) -> None:
-    """A response sent while the request's body is still to come: either the
-    connection carries the next request, or the response says
-    ``Connection: close`` and the connection ends. Closing without saying so
-    made keep-alive clients (httpx) send their next request into a closed
-    socket ("server disconnected without sending a response")."""
+    """The body is sent only once the answer has come: relayd waits for it a
+    bounded time, then answers with ``Connection: close`` and ends the
+    connection. Closing without saying so made keep-alive clients (httpx)
+    send their next request into a closed socket ("server disconnected
+    without sending a response")."""
     body = b'{"name": "x"}'
     client = await open_connection(relayd)
-    request_head = head + b"Host: relay.example\r\nContent-Type: application/json\r\n"
-    request_head += b"Content-Length: %d\r\n\r\n" % len(body)
     with trio.fail_after(10):
-        await client.send(request_head)
+        await client.send(refused_request_head(head, body))
         response = await client.response()  # sent before any byte of the body
         assert response.status in (401, 404, 405), response
+        assert response.header(b"connection") == b"close"
         await client.send(body + get_request("/health"))
-        if response.header(b"connection") == b"close":
-            assert await client.rest() == b""
-        else:
-            assert (await client.response()).status == 200
-            assert response.status == 401  # only the admin route reads what it refused
+        assert await client.rest() == b""
+    await client.aclose()
+
+
+@pytest.mark.parametrize("head", REFUSED_HEADS, ids=REFUSED_IDS)
+async def test_a_refused_request_whose_body_follows_its_head_keeps_the_connection(
+    relayd: Relayd, head: bytes
+) -> None:
+    """Head and body in two writes (as httpx sends them): the refusal reads the
+    body and the connection carries the next request."""
+    body = b'{"name": "x"}'
+    client = await open_connection(relayd)
+    with trio.fail_after(10):
+        for _ in range(3):
+            await client.send(refused_request_head(head, body))
+            await client.send(body)
+            response = await client.response()
+            assert response.status in (401, 404, 405), response
+            assert response.header(b"connection") is None
+        await client.send(get_request("/health"))
+        assert (await client.response()).status == 200
     await client.aclose()

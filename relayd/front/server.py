@@ -356,39 +356,19 @@ class GuardedTCPServer(TCPServer):
 
 
 class _ReasonedConnection(h11.Connection):
-    """h11 as Hypercorn drives it, with two fixes to the response head.
-
-    Every status line has its reason phrase (``HTTP/1.1 404 Not Found``):
-    Hypercorn sends none, and relayd's own loops do; clients and people
-    reading ``curl -i`` expect one.
-
-    A response that starts while the request's body is still coming (a 404
-    for a POST whose body had not all arrived) says ``Connection: close``:
-    Hypercorn cannot start the next cycle until the body is read, so it
-    closes the connection after the response, and a keep-alive client not
-    told so sends its next request into a closed socket ("server
-    disconnected without sending a response").
-    """
+    """h11 as Hypercorn drives it, but every status line has its reason phrase
+    (``HTTP/1.1 404 Not Found``): Hypercorn sends none, and relayd's own
+    loops do; clients and people reading ``curl -i`` expect one."""
 
     def send_with_data_passthrough(self, event: h11.Event) -> list[bytes] | None:
-        if isinstance(event, h11.Response | h11.InformationalResponse):
-            close = (
-                isinstance(event, h11.Response)
-                and self.their_state is h11.SEND_BODY
-                and not _says_close(event.headers)
+        if isinstance(event, h11.Response | h11.InformationalResponse) and not event.reason:
+            event = type(event)(
+                status_code=event.status_code,
+                headers=event.headers,
+                http_version=event.http_version,
+                reason=_REASONS.get(event.status_code, b""),
             )
-            if close or not event.reason:
-                event = type(event)(
-                    status_code=event.status_code,
-                    headers=[*event.headers, (b"connection", b"close")] if close else event.headers,
-                    http_version=event.http_version,
-                    reason=event.reason or _REASONS.get(event.status_code, b""),
-                )
         return super().send_with_data_passthrough(event)
-
-
-def _says_close(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    return any(name == b"connection" and b"close" in value.lower() for name, value in headers)
 
 
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
