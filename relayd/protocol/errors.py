@@ -17,7 +17,6 @@ class CloseCode:
     NORMAL = 1000
     GOING_AWAY = 1001  # relay shutting down: agents should reconnect
     PROTOCOL_ERROR = 1002
-    UNSUPPORTED_DATA = 1003
     ABNORMAL_CLOSURE = 1006  # never sent: a peer gone without a close frame
     POLICY_VIOLATION = 1008  # e.g. the agent key was revoked
     MESSAGE_TOO_BIG = 1009
