@@ -15,6 +15,7 @@ before a swap keep the context they were made with.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Mapping
@@ -25,9 +26,19 @@ import trio
 
 from relayd.config import Config, ConfigError
 
-__all__ = ["TlsFiles", "TlsListener", "TlsTerms", "find_tls_files", "tls_context"]
+__all__ = [
+    "TlsFiles",
+    "TlsListener",
+    "TlsTerms",
+    "find_tls_files",
+    "handshake",
+    "tls_context",
+]
 
 log = logging.getLogger("relayd.server")
+
+# How long a refused client's alert may take to leave.
+ALERT_WAIT = 1.0
 
 CREDENTIAL_CERTIFICATE = "tls_certificate"
 CREDENTIAL_KEY = "tls_key"
@@ -112,3 +123,31 @@ class TlsListener(trio.abc.Listener[trio.SSLStream[trio.SocketStream]]):
 
     async def aclose(self) -> None:
         await self.transport_listener.aclose()
+
+
+async def handshake(stream: trio.SSLStream[trio.SocketStream]) -> bool:
+    """Complete the TLS handshake of a new connection; False if it failed.
+
+    A refused client (TLS 1.1, no common cipher) must be told why: OpenSSL
+    writes the alert (``protocol_version``, ``handshake_failure``) and trio,
+    which marks the stream broken when the handshake fails, never sends it,
+    so clients saw the connection drop (curl: ``SSL_ERROR_SYSCALL``). The
+    alert waiting in the stream's outgoing buffer (trio's private
+    ``_outgoing``, checked by tests/test_tls.py) is sent here, for at most
+    :data:`ALERT_WAIT`, before the caller closes the connection.
+    """
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as error:
+        log.debug("TLS handshake failed: %s", error.__cause__ or error)
+        outgoing = getattr(stream, "_outgoing", None)
+        alert = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+        if alert:
+            deadline = trio.current_time() + ALERT_WAIT
+            with (
+                trio.CancelScope(shield=True, deadline=deadline),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await stream.transport_stream.send_all(alert)
+        return False
+    return True

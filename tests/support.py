@@ -31,6 +31,7 @@ __all__ = [
     "Relayd",
     "console_script",
     "relayd_command",
+    "run_relayd",
     "service_environment",
     "start_relayd",
     "stop_all",
@@ -151,6 +152,23 @@ def start_relayd(
     if admin_key is not None:
         environment["RELAYD_ADMIN_KEY"] = admin_key
     environment.update(env or {})
+    return run_relayd(
+        command, handover, state_dir, log_path, environment, admin_key or "", wait_ready=wait_ready
+    )
+
+
+def run_relayd(
+    command: Sequence[str],
+    handover: Handover,
+    state_dir: Path,
+    log_path: Path,
+    environment: dict[str, str],
+    admin_key: str = ADMIN_KEY,
+    *,
+    wait_ready: bool = True,
+) -> Relayd:
+    """Run ``command`` (a relayd, however started) on ``handover``; its output is
+    appended to ``log_path``; wait for READY=1 unless not ``wait_ready``."""
     try:
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
@@ -165,7 +183,7 @@ def start_relayd(
         handover.close()
         raise
     handover.started()  # a caller's listener stays open, as systemd keeps it
-    relayd = Relayd(process, handover.port, state_dir, log_path, handover.notify, admin_key or "")
+    relayd = Relayd(process, handover.port, state_dir, log_path, handover.notify, admin_key)
     if wait_ready:
         try:
             relayd.wait_notification("READY=1")

@@ -37,7 +37,6 @@ import random
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -56,9 +55,10 @@ from trio_websocket import (
 )
 
 from relayd.agentkit import AgentProfile, Finish, V2Agent, run_agent
+from relayd.bench.launch import Handover
 from relayd.protocol import Request
 from relayd.protocol.v2 import ChatRequest, Goodbye
-from tests.support import ADMIN_KEY, Relayd, service_environment, stop_all
+from tests.support import ADMIN_KEY, Relayd, run_relayd, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -524,37 +524,15 @@ os.execv(sys.executable, [sys.executable, "-m", "relayd", *sys.argv[2:]])
 def start_activated(tmp_path: Path, held: socket.socket) -> Relayd:
     """Start ``relayd serve`` socket-activated on ``held`` with the state directory
     in ``tmp_path``; wait for its READY=1 on NOTIFY_SOCKET."""
-    stamp = time.monotonic_ns()
-    log_path = tmp_path / f"relayd-{stamp}.log"
-    notify_path = tmp_path / f"notify-{stamp}.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
+    log_path = tmp_path / f"relayd-{time.monotonic_ns()}.log"
+    handover = Handover.open(tmp_path, "relayd", listener=held)
+    environment = handover.environment(
+        {"RELAYD_ADMIN_KEY": ADMIN_KEY, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}
+    )
     state_dir = tmp_path / "state"
-    environment = service_environment() | {
-        "NOTIFY_SOCKET": str(notify_path),
-        "RELAYD_ADMIN_KEY": ADMIN_KEY,
-        "LISTEN_FDS": "1",
-        "LISTEN_FDNAMES": "http",
-    }
     command = [sys.executable, "-c", SYSTEMD_EXEC, str(held.fileno())]
     command += ["serve", "--state-dir", str(state_dir)]
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            pass_fds=(held.fileno(),),
-        )
-    relayd = Relayd(process, held.getsockname()[1], state_dir, log_path, notify)
-    try:
-        relayd.wait_notification("READY=1")
-    except AssertionError:
-        process.kill()
-        process.wait()
-        raise
-    return relayd
+    return run_relayd(command, handover, state_dir, log_path, environment)
 
 
 @pytest.fixture

@@ -92,7 +92,7 @@ from relayd.front.sockets import (
 )
 from relayd.proxies import ProxyProtocolError, TrustedProxies, parse_proxy_header
 from relayd.sync import LeanLock
-from relayd.tls import TlsListener, TlsTerms
+from relayd.tls import TlsListener, TlsTerms, handshake
 
 __all__ = ["GuardedTCPServer", "serve_guarded"]
 
@@ -175,7 +175,10 @@ class GuardedTCPServer(TCPServer):
         with trio.CancelScope(deadline=self._read_deadline()) as scope:
             self._life.idle(scope.cancel)  # nothing asked yet: close it at SIGTERM
             try:
-                data = await read_some(self.stream, RECEIVE_SIZE)
+                stream: trio.abc.Stream = self.stream
+                if isinstance(stream, trio.SSLStream) and not await handshake(stream):
+                    return b""  # refused, told why
+                data = await read_some(stream, RECEIVE_SIZE)
             finally:
                 self._life.busy(scope.cancel)
             proxies = self._proxy_protocol()
