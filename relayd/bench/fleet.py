@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Protocol
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
@@ -27,7 +28,14 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from relayd.agentkit import AgentStats, Handler, run_agent, serve_agent
 from relayd.protocol import Request
 
-__all__ = ["CONNECT_CONCURRENCY", "Fleet", "Tracker", "content_for", "number_of"]
+__all__ = [
+    "CONNECT_CONCURRENCY",
+    "Fleet",
+    "Tracker",
+    "connect_many",
+    "content_for",
+    "number_of",
+]
 
 log = logging.getLogger("relayd.bench")
 
@@ -35,6 +43,8 @@ log = logging.getLogger("relayd.bench")
 # no SYN is dropped and retried a second later.
 CONNECT_CONCURRENCY = 64
 _PREFIX = "bench "
+# How many failure reasons a fleet keeps for its report.
+FAILURES_KEPT = 5
 
 
 def content_for(number: int) -> str:
@@ -46,6 +56,43 @@ def number_of(content: str) -> int | None:
     if content.startswith(_PREFIX) and content[len(_PREFIX) :].isdigit():
         return int(content[len(_PREFIX) :])
     return None
+
+
+class Tally(Protocol):
+    failed: int  # agents that could not connect
+    failures: list[str]  # the first few reasons
+
+
+async def connect_many(
+    number: int,
+    connect_one: Callable[[], Awaitable[None]],
+    errors: tuple[type[Exception], ...],
+    tally: Tally,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Run ``connect_one`` ``number`` times, :data:`CONNECT_CONCURRENCY` at a time;
+    returns when each has connected or failed with one of ``errors`` (counted in
+    ``tally``). ``on_progress(done, number)`` after each."""
+    limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
+    done = 0
+
+    async def one() -> None:
+        nonlocal done
+        async with limiter:
+            try:
+                await connect_one()
+            except errors as error:
+                tally.failed += 1
+                if len(tally.failures) < FAILURES_KEPT:
+                    tally.failures.append(f"{type(error).__name__}: {error}")
+        done += 1
+        if on_progress is not None:
+            on_progress(done, number)
+
+    async with trio.open_nursery() as connecting:
+        for _ in range(number):
+            connecting.start_soon(one)
 
 
 class Tracker:
@@ -141,33 +188,14 @@ class Fleet:
     ) -> None:
         """Connect ``number`` agents, running them in ``nursery``; returns when every
         handshake is done or has failed (``failed`` counts those)."""
-        limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
-        done = 0
 
-        async def start_one() -> None:
-            nonlocal done
+        async def connect_one() -> None:
             stats = AgentStats()
-            async with limiter:
-                try:
-                    await nursery.start(self._run, stats)
-                except (
-                    OSError,
-                    HandshakeError,
-                    ConnectionClosed,
-                    trio.BrokenResourceError,
-                ) as error:
-                    self.failed += 1
-                    if len(self.failures) < 5:
-                        self.failures.append(f"{type(error).__name__}: {error}")
-                else:
-                    self.stats.append(stats)
-            done += 1
-            if on_progress is not None:
-                on_progress(done, number)
+            await nursery.start(self._run, stats)
+            self.stats.append(stats)
 
-        async with trio.open_nursery() as starters:
-            for _ in range(number):
-                starters.start_soon(start_one)
+        errors = (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError)
+        await connect_many(number, connect_one, errors, self, on_progress=on_progress)
 
     async def _run(
         self, stats: AgentStats, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED

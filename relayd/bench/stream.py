@@ -43,6 +43,7 @@ from typing import Any
 
 import trio
 
+from relayd.bench.fleet import connect_many
 from relayd.bench.frames import (
     OP_CLOSE,
     OP_PING,
@@ -519,28 +520,14 @@ class StreamFleet:
     ) -> None:
         """Connect ``number`` agents, running them in ``nursery``; returns once every
         handshake is done or has failed."""
-        limiter = trio.CapacityLimiter(64)
-        done = 0
 
-        async def start_one() -> None:
-            nonlocal done
+        async def connect_one() -> None:
             agent = StreamAgent(self.host, self.port, headers=self.headers)
-            async with limiter:
-                try:
-                    await nursery.start(self._run, agent)
-                except (OSError, trio.BrokenResourceError, AgentRefused, ValueError) as error:
-                    self.failed += 1
-                    if len(self.failures) < 5:
-                        self.failures.append(f"{type(error).__name__}: {error}")
-                else:
-                    self.agents.append(agent)
-            done += 1
-            if on_progress is not None:
-                on_progress(done, number)
+            await nursery.start(self._run, agent)
+            self.agents.append(agent)
 
-        async with trio.open_nursery() as starters:
-            for _ in range(number):
-                starters.start_soon(start_one)
+        errors = (OSError, trio.BrokenResourceError, AgentRefused, ValueError)
+        await connect_many(number, connect_one, errors, self, on_progress=on_progress)
 
     @staticmethod
     async def _run(
