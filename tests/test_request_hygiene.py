@@ -6,6 +6,7 @@ Against a real relayd subprocess over raw loopback sockets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -165,6 +166,75 @@ async def test_a_refusal_whose_body_never_comes_says_connection_close(
         assert response.header(b"connection") == b"close"
         await client.send(body + get_request("/health"))
         assert await client.rest() == b""
+    await client.aclose()
+
+
+# Refusals of other kinds that come before the body (found by an adversarial
+# review): (head, the body that would follow, the status).
+EARLY_REFUSALS = {
+    "413-admin-over-max-body": (
+        b"POST /admin/users/add HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %(admin)s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n",
+        b"",
+        413,
+    ),
+    "413-ask-over-max-body": (
+        b"POST /api/ask HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %(admin)s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n",
+        b"",
+        413,
+    ),
+    "413-ask-over-max-body-after-an-ask": (
+        b"POST /api/ask HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %(admin)s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        b"POST /api/ask HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %(admin)s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n",
+        b"",
+        413,
+    ),
+    "401-ask-chunked": (
+        b"POST /api/ask HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"2\r\n{}\r\n0\r\n\r\n",
+        401,
+    ),
+    "426-agent-path-with-body": (
+        b"POST /client/register HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n",
+        b"{}",
+        426,
+    ),
+    "401-admin-get-with-body": (
+        b"GET /api/connections HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n",
+        b"{}",
+        401,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EARLY_REFUSALS))
+async def test_every_refusal_before_the_body_says_whether_the_connection_lives(
+    relayd: Relayd, case: str
+) -> None:
+    """The class, on every path (Quart routes, the bare ASGI endpoints on
+    Hypercorn's path): a response that starts before the body has come says
+    ``Connection: close`` whenever the connection then ends; otherwise the
+    connection answers the next request."""
+    head, body, status = EARLY_REFUSALS[case]
+    client = await open_connection(relayd)
+    with trio.fail_after(15):
+        await client.send(head % {b"admin": relayd.admin_key.encode()})
+        response = await client.response()  # before any byte of the body
+        if b"Content-Length: 2\r\n\r\n{}POST" in head:  # a first request, answered 400
+            assert response.status == 400, response
+            response = await client.response()
+        assert response.status == status, response
+        with contextlib.suppress(trio.BrokenResourceError):
+            await client.send(body + get_request("/health"))
+        tokens = (response.header(b"connection") or b"").lower().split(b",")
+        rest = await client.rest() if b"close" in (t.strip() for t in tokens) else None
+        if rest is None:
+            assert (await client.response()).status == 200, case
+        else:
+            assert rest == b"", rest
     await client.aclose()
 
 

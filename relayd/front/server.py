@@ -359,19 +359,73 @@ class GuardedTCPServer(TCPServer):
 
 
 class _ReasonedConnection(h11.Connection):
-    """h11 as Hypercorn drives it, but every status line has its reason phrase
-    (``HTTP/1.1 404 Not Found``): Hypercorn sends none, and relayd's own
-    loops do; clients and people reading ``curl -i`` expect one."""
+    """h11 as Hypercorn drives it, with two fixes to each response head.
+
+    Every status line has its reason phrase (``HTTP/1.1 404 Not Found``):
+    Hypercorn sends none, and relayd's own loops do; clients and people
+    reading ``curl -i`` expect one.
+
+    A response that starts before the request's body has all come (a refusal
+    that did not wait for it, or waited and gave up) says ``Connection:
+    close``: Hypercorn cannot start the next cycle with the body unread, so
+    it closes the connection after the response, and a keep-alive client not
+    told so sends its next request into a closed socket ("server
+    disconnected without sending a response").
+    """
 
     def send_with_data_passthrough(self, event: h11.Event) -> list[bytes] | None:
-        if isinstance(event, h11.Response | h11.InformationalResponse) and not event.reason:
-            event = type(event)(
-                status_code=event.status_code,
-                headers=event.headers,
-                http_version=event.http_version,
-                reason=_REASONS.get(event.status_code, b""),
+        if isinstance(event, h11.Response | h11.InformationalResponse):
+            close = (
+                isinstance(event, h11.Response)
+                and self._body_not_here()
+                and not _says_close(event.headers)
             )
+            if close or not event.reason:
+                event = type(event)(
+                    status_code=event.status_code,
+                    headers=_with_close(event.headers) if close else event.headers,
+                    http_version=event.http_version,
+                    reason=event.reason or _REASONS.get(event.status_code, b""),
+                )
         return super().send_with_data_passthrough(event)
+
+    def _body_not_here(self) -> bool:
+        """Whether the rest of the request's body has yet to arrive.
+
+        Its bytes may already be here and not parsed yet (Hypercorn's reader
+        hands the app the request before the body that came with it), so the
+        buffered bytes are parsed on a copy, leaving this connection as it is.
+        Only on this rare path: a request whose app read its body is done.
+        """
+        if self.their_state is not h11.SEND_BODY:
+            return False
+        rest = copy.deepcopy(self)
+        try:
+            while True:
+                event = rest.next_event()
+                if isinstance(event, h11.EndOfMessage):
+                    return False
+                if not isinstance(event, h11.Data):
+                    return True  # NEED_DATA, PAUSED, ConnectionClosed
+        except h11.RemoteProtocolError:
+            return True  # a malformed body: the connection ends anyway
+
+
+def _with_close(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` with ``close`` added to their one Connection header."""
+    if not any(name.lower() == b"connection" for name, _ in headers):
+        return [*headers, (b"connection", b"close")]
+    return [
+        (name, value + b", close") if name.lower() == b"connection" else (name, value)
+        for name, value in headers
+    ]
+
+
+def _says_close(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    return any(
+        name.lower() == b"connection" and b"close" in (t.strip() for t in value.lower().split(b","))
+        for name, value in headers
+    )
 
 
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
