@@ -21,6 +21,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -32,6 +33,7 @@ __all__ = [
     "TlsTerms",
     "find_tls_files",
     "handshake",
+    "replayed",
     "tls_context",
 ]
 
@@ -125,7 +127,7 @@ class TlsListener(trio.abc.Listener[trio.SSLStream[trio.SocketStream]]):
         await self.transport_listener.aclose()
 
 
-async def handshake(stream: trio.SSLStream[trio.SocketStream]) -> bool:
+async def handshake(stream: trio.SSLStream[Any]) -> bool:
     """Complete the TLS handshake of a new connection; False if it failed.
 
     A refused client (TLS 1.1, no common cipher) must be told why: OpenSSL
@@ -151,3 +153,43 @@ async def handshake(stream: trio.SSLStream[trio.SocketStream]) -> bool:
                 await stream.transport_stream.send_all(alert)
         return False
     return True
+
+
+class _Replayed(trio.abc.Stream):
+    """A connection's socket stream whose first bytes were read already: they
+    come again first. The PROXY header's reader (which reads the socket before
+    the TLS handshake) may have taken the start of the ClientHello with it."""
+
+    def __init__(self, prefix: bytes, transport: trio.SocketStream) -> None:
+        self._prefix = prefix
+        self.transport = transport
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self.transport.socket  # Hypercorn and the server loop read the peer from it
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self._prefix:
+            return bytes(await self.transport.receive_some(max_bytes))
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        data, self._prefix = self._prefix[:size], self._prefix[size:]
+        await trio.lowlevel.checkpoint()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+def replayed(stream: trio.SSLStream[trio.SocketStream], prefix: bytes) -> trio.SSLStream[Any]:
+    """``stream`` (not yet handshaken) with ``prefix``, bytes already read from its
+    socket, given back to it first."""
+    if not prefix:
+        return stream
+    transport = _Replayed(prefix, stream.transport_stream)
+    return trio.SSLStream(transport, stream.context, server_side=True, https_compatible=True)

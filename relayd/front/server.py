@@ -92,7 +92,7 @@ from relayd.front.sockets import (
 )
 from relayd.proxies import ProxyProtocolError, TrustedProxies, parse_proxy_header
 from relayd.sync import LeanLock
-from relayd.tls import TlsListener, TlsTerms, handshake
+from relayd.tls import TlsListener, TlsTerms, handshake, replayed
 
 __all__ = ["GuardedTCPServer", "serve_guarded"]
 
@@ -134,6 +134,10 @@ class GuardedTCPServer(TCPServer):
         try:
             if self._takeovers:
                 head = await self._read_head()
+                if head is None:
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(self.stream)
+                    return
                 served = self._takeover_for(head)
                 first: bytes | None = head  # b"": the peer closed or said nothing in time
                 if served is not None:
@@ -163,47 +167,62 @@ class GuardedTCPServer(TCPServer):
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
 
-    async def _read_head(self) -> bytes:
+    async def _read_head(self) -> bytes | None:
         """The connection's first bytes: its whole request head if a takeover wants it.
 
         A PROXY header from a trusted proxy (``server.proxy_protocol``) is read
-        first and taken off: it names the client for the whole connection.
-        b"" if the peer closed or sent nothing within the idle allowance, or sent
-        a malformed PROXY header.
+        first and taken off: it names the client for the whole connection. It
+        comes in the clear, before a TLS client's hello, so on a TLS
+        connection it is read from the socket and the TLS handshake follows.
+        b"" if the peer closed or sent nothing within the idle allowance; None
+        if the connection is over: a malformed PROXY header, or a failed TLS
+        handshake (the client was told why).
         """
-        data = b""
+        data: bytes | None = b""
         with trio.CancelScope(deadline=self._read_deadline()) as scope:
             self._life.idle(scope.cancel)  # nothing asked yet: close it at SIGTERM
             try:
                 stream: trio.abc.Stream = self.stream
+                proxies = self._proxy_protocol()
+                if proxies is not None and proxies.trusts(self._peer()[0]):
+                    if isinstance(stream, trio.SSLStream):  # the header is in the clear
+                        data = await self._take_proxy_header(stream.transport_stream)
+                        if data is None:
+                            return None
+                        stream = self.stream = replayed(stream, data)
+                        data = b""
+                    else:
+                        data = await self._take_proxy_header(stream)
+                        if data is None:
+                            return None
                 if isinstance(stream, trio.SSLStream) and not await handshake(stream):
-                    return b""  # refused, told why
-                data = await read_some(stream, RECEIVE_SIZE)
+                    return None
+                if not data:
+                    data = await read_some(stream, RECEIVE_SIZE)
             finally:
                 self._life.busy(scope.cancel)
-            proxies = self._proxy_protocol()
-            if proxies is not None and proxies.trusts(self._peer()[0]):
-                data = await self._take_proxy_header(data)
             if any(takeover.might_serve(data) for takeover in self._takeovers):
-                data = await read_rest_of_head(self.stream, data)
+                data = await read_rest_of_head(stream, data)
         return data
 
-    async def _take_proxy_header(self, data: bytes) -> bytes:
-        """Read the PROXY header that ``data`` starts; the bytes after it."""
+    async def _take_proxy_header(self, raw: trio.abc.Stream) -> bytes | None:
+        """Read the PROXY header the connection starts with from ``raw``; the bytes
+        read after it (maybe none), or None if there is none or it is malformed."""
+        data = b""
         while True:
+            more = await read_some(raw, RECEIVE_SIZE)
+            if not more:
+                return None
+            data += more
             try:
                 header = parse_proxy_header(data)
             except ProxyProtocolError as error:
                 log.info("connection closed: %s remote=%s", error, self._peer()[0])
-                return b""
+                return None
             if header is not None:
                 if header.client is not None:
                     self._client = header.client
                 return data[header.length :]
-            more = await read_some(self.stream, RECEIVE_SIZE)
-            if not more:
-                return b""
-            data += more
 
     def _peer(self) -> tuple[str, int]:
         """The address of the socket's peer (a proxy, perhaps)."""
