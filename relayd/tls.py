@@ -155,7 +155,7 @@ async def handshake(stream: trio.SSLStream[Any]) -> bool:
     return True
 
 
-class _Replayed(trio.abc.Stream):
+class _Replayed(trio.abc.HalfCloseableStream):
     """A connection's socket stream whose first bytes were read already: they
     come again first. The PROXY header's reader (which reads the socket before
     the TLS handshake) may have taken the start of the ClientHello with it."""
@@ -181,6 +181,9 @@ class _Replayed(trio.abc.Stream):
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport.send_eof()
 
     async def aclose(self) -> None:
         await self.transport.aclose()

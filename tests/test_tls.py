@@ -19,6 +19,7 @@ through relayd's ``READY=1`` notification, never a sleep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import ssl
@@ -530,6 +531,34 @@ async def test_a_client_without_the_test_ca_fails_verification(
     assert isinstance(caught.value.__cause__, ssl.SSLCertVerificationError)
     assert "Hostname mismatch" in str(caught.value.__cause__)
     assert health.status_code == 200
+    assert relayd.process.poll() is None
+
+
+@pytest.mark.parametrize(
+    "path", ["/admin/users/add", "/api/ask"], ids=["quart-route", "ask-endpoint"]
+)
+async def test_a_413_over_tls_closes_its_connection_after_the_answer(
+    relayd: Relayd, ca: trustme.CA, path: str
+) -> None:
+    """A body over server.max_body is refused before it is read; the close that
+    follows lingers (reads and drops what still comes) after shutting the write
+    side, which on TLS is the socket's: trio's TLS stream has no half-close, and
+    the close raised there, leaving the client waiting and a traceback in the log."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: relay.test\r\nAuthorization: Bearer "
+        f"{relayd.admin_key}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 2000000\r\n\r\n"
+    ).encode()
+    with trio.fail_after(15):
+        client = RawClient(await open_tls(relayd, trusting(ca)))
+        await client.send(head + b"x" * 100_000)
+        response = await client.response()
+        assert response.status == 413
+        assert response.header(b"connection") == b"close"
+        with contextlib.suppress(trio.BrokenResourceError):
+            assert await client.rest() == b""
+        await client.aclose()
+    assert "Traceback" not in relayd.log
     assert relayd.process.poll() is None
 
 

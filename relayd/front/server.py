@@ -301,13 +301,16 @@ class GuardedTCPServer(TCPServer):
         reset, and never sees the answer. So, as nginx does, the write side is
         shut first, and the read loop reads and drops what the client still
         sends, for at most :data:`LINGER_TIME` and :data:`LINGER_BYTES`, before
-        the socket closes.
+        the socket closes. On TLS the socket's write side is shut under the TLS
+        layer (which has no half-close of its own): the answer is whole (it
+        says ``Connection: close``), and the reads still decrypt what comes.
         """
-        if not self._reading or self._linger_until is not None:
+        shut_writes = _write_shutter(self.stream)
+        if not self._reading or self._linger_until is not None or shut_writes is None:
             await super()._close()
             return
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.stream.send_eof()
+            await shut_writes()
         self._linger_until = trio.current_time() + LINGER_TIME
         if self._read_scope is not None:
             self._read_scope.deadline = self._linger_until
@@ -375,6 +378,14 @@ class GuardedTCPServer(TCPServer):
 
     async def _idle_timeout(self) -> None:
         """Hypercorn starts this as its idle timer; the read deadline does the job."""
+
+
+def _write_shutter(stream: trio.abc.Stream) -> Callable[[], Awaitable[None]] | None:
+    """What shuts the write side of ``stream``'s connection (a TLS stream's: its
+    socket's), or None if nothing can."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream.send_eof if isinstance(stream, trio.abc.HalfCloseableStream) else None
 
 
 class _ReasonedConnection(h11.Connection):
