@@ -256,3 +256,23 @@ async def test_a_refused_request_whose_body_follows_its_head_keeps_the_connectio
         await client.send(get_request("/health"))
         assert (await client.response()).status == 200
     await client.aclose()
+
+
+async def test_a_wire_path_refusal_before_the_body_says_connection_close(relayd: Relayd) -> None:
+    """relayd's own /api/ask loop refuses a wrong token at once, before the body
+    has come; the connection then ends (once the body has had its chance), so
+    the answer says ``Connection: close``. It promised keep-alive before, and a
+    body that took longer than the discard allowance left the client with a
+    closed socket."""
+    client = await open_connection(relayd)
+    head = (
+        b"POST /api/ask HTTP/1.1\r\nHost: relay.example\r\nAuthorization: Bearer wrong\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 20\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        await client.send(head)
+        response = await client.response()  # before any byte of the body
+        assert response.status == 401
+        assert response.header(b"connection") == b"close"
+        assert await client.rest() == b""  # the body never came: the connection ends
+    await client.aclose()

@@ -155,8 +155,8 @@ class AskConnection:
             caller: Caller | None = None
             if len(self._inbox) < head.end:
                 # The body is still on its way: check the credentials first, as
-                # Hypercorn's path does, so that a refused client hears at once
-                # (and a failure is counted even if the body never comes).
+                # Hypercorn's path does, so that a failure is counted even if the
+                # body never comes, and a refused body is only dropped.
                 try:
                     caller = self._endpoint.caller(head.authorization, self._address)
                 except RelayError as error:
@@ -219,24 +219,29 @@ class AskConnection:
         return "whole"
 
     async def _refuse(self, head: AskHead, reply: HttpReply) -> None:
-        """Answer a request refused before its body, then read the body and drop it
-        within :data:`~relayd.ask.DISCARD_WAIT` (as Hypercorn's path does), or close."""
-        # A client that waits for 100 Continue may never send the body: close.
-        close = head.expects_continue or not head.keep_alive or self._terms.stopping()
-        if not await self._write(self._response(reply, close=close)):
-            self._over = True
-        elif close:
-            if not head.expects_continue:
-                # A client that writes its whole body before reading (urllib with
-                # its Connection: close) would get a reset, not the answer, if the
-                # socket closed on a body still arriving: read it first (lingering).
-                await self._receive_body(head, DISCARD_WAIT)
-            self._over = True
-        elif await self._receive_body(head, DISCARD_WAIT) == "whole":
+        """Answer a request refused before its body has all come.
+
+        The body is read and dropped first, for at most
+        :data:`~relayd.ask.DISCARD_WAIT` in all (as on Hypercorn's path): if it
+        comes, the answer keeps the connection; if not, the answer says
+        ``Connection: close`` and the connection ends (an answer that promised
+        keep-alive before the connection ended under it left the client
+        sending its next request into a closed socket). A client that waits
+        for 100 Continue, or that asked to close, is answered at once with
+        ``Connection: close``; then, unless it waits for 100 Continue, its body
+        is read and dropped for the same allowance (a lingering close, so that
+        a client writing its body before reading sees the answer, not a reset).
+        """
+        at_once = head.expects_continue or not head.keep_alive or self._terms.stopping()
+        whole = not at_once and await self._receive_body(head, DISCARD_WAIT) == "whole"
+        written = await self._write(self._response(reply, close=not whole))
+        if written and whole:
             del self._inbox[: head.end]
             self._idle_since = trio.current_time()
-        else:
-            self._over = True
+            return
+        if written and at_once and not head.expects_continue:
+            await self._receive_body(head, DISCARD_WAIT)
+        self._over = True
 
     async def _watch(self) -> None:
         """Read while the request is answered: a client that goes away has its
