@@ -344,11 +344,13 @@ class JsonEndpoint:
         Hypercorn keeps a connection alive only if the request was read to its
         end when the response ends; otherwise it closes it, and a keep-alive
         client that has already sent its next request sees the connection drop
-        without an answer. So a body of a declared length within
-        ``server.max_body`` is read first, for at most :data:`DISCARD_WAIT`;
-        anything else is left, and the connection closes after the answer.
+        without an answer. So the body is read first, chunked or of a declared
+        length, up to ``server.max_body`` and for at most :data:`DISCARD_WAIT`;
+        a body declared larger is left. If it was not read to its end, the
+        answer says ``Connection: close`` (relayd.front.server) and the
+        connection closes after it.
         """
-        if declared is None or declared > self.max_body:
+        if declared is not None and declared > self.max_body:
             return
         with trio.move_on_after(DISCARD_WAIT), contextlib.suppress(ClientGone, RelayError):
             await self._read_body(receive, declared)

@@ -276,3 +276,28 @@ async def test_a_wire_path_refusal_before_the_body_says_connection_close(relayd:
         assert response.header(b"connection") == b"close"
         assert await client.rest() == b""  # the body never came: the connection ends
     await client.aclose()
+
+
+@pytest.mark.parametrize("chunks", [1, 5, 50])
+@pytest.mark.parametrize("pipelined", [False, True], ids=["next-later", "next-in-same-write"])
+async def test_a_refused_chunked_body_sent_whole_keeps_the_connection_every_time(
+    relayd: Relayd, chunks: int, pipelined: bool
+) -> None:
+    """Found by an adversarial review: with the whole chunked body in the head's
+    write, Hypercorn's reader may not have parsed it when the refusal ends, and
+    then closed the connection after an answer that promised keep-alive (8 times
+    in 40). The endpoint now reads the chunked body before it answers; the answer
+    keeps the connection, and the next request is served, every time."""
+    body = b"1\r\nx\r\n" * chunks + b"0\r\n\r\n"
+    head = b"POST /api/ask HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for attempt in range(40):
+        with trio.fail_after(10):
+            client = await open_connection(relayd)
+            await client.send(head + body + (get_request("/health") if pipelined else b""))
+            response = await client.response()
+            assert response.status in (401, 429), response  # 429 once the address is locked
+            assert response.header(b"connection") is None, (attempt, response)
+            if not pipelined:
+                await client.send(get_request("/health"))
+            assert (await client.response()).status == 200, attempt
+            await client.aclose()

@@ -234,6 +234,7 @@ class AskConnection:
         """
         at_once = head.expects_continue or not head.keep_alive or self._terms.stopping()
         whole = not at_once and await self._receive_body(head, DISCARD_WAIT) == "whole"
+        whole = whole and not self._terms.stopping()  # SIGTERM came while it waited
         written = await self._write(self._response(reply, close=not whole))
         if written and whole:
             del self._inbox[: head.end]

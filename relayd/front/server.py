@@ -395,19 +395,24 @@ class _ReasonedConnection(h11.Connection):
     Hypercorn sends none, and relayd's own loops do; clients and people
     reading ``curl -i`` expect one.
 
-    A response that starts before the request's body has all come (a refusal
-    that did not wait for it, or waited and gave up) says ``Connection:
-    close``: Hypercorn cannot start the next cycle with the body unread, so
-    it closes the connection after the response, and a keep-alive client not
-    told so sends its next request into a closed socket ("server
-    disconnected without sending a response").
+    A response that starts before the request's body has been read to its
+    end (a refusal that did not wait for it, or waited and gave up) says
+    ``Connection: close``: Hypercorn recycles a connection only if the
+    request was read to its end when the response ends, and closes it
+    otherwise, so a keep-alive client not told so sends its next request
+    into a closed socket ("server disconnected without sending a
+    response"). Whether the rest of the body is in the buffer already does
+    not settle it: Hypercorn's reader may not have parsed it by the time the
+    app is done (a look-ahead that said "keep" lost that race a fifth of
+    the time). So refusals that can keep the connection read the body
+    first (``relayd.api``'s ``drop_body``, ``JsonEndpoint._discard_body``).
     """
 
     def send_with_data_passthrough(self, event: h11.Event) -> list[bytes] | None:
         if isinstance(event, h11.Response | h11.InformationalResponse):
             close = (
                 isinstance(event, h11.Response)
-                and self._body_not_here()
+                and self.their_state is h11.SEND_BODY
                 and not _says_close(event.headers)
             )
             if close or not event.reason:
@@ -418,27 +423,6 @@ class _ReasonedConnection(h11.Connection):
                     reason=event.reason or _REASONS.get(event.status_code, b""),
                 )
         return super().send_with_data_passthrough(event)
-
-    def _body_not_here(self) -> bool:
-        """Whether the rest of the request's body has yet to arrive.
-
-        Its bytes may already be here and not parsed yet (Hypercorn's reader
-        hands the app the request before the body that came with it), so the
-        buffered bytes are parsed on a copy, leaving this connection as it is.
-        Only on this rare path: a request whose app read its body is done.
-        """
-        if self.their_state is not h11.SEND_BODY:
-            return False
-        rest = copy.deepcopy(self)
-        try:
-            while True:
-                event = rest.next_event()
-                if isinstance(event, h11.EndOfMessage):
-                    return False
-                if not isinstance(event, h11.Data):
-                    return True  # NEED_DATA, PAUSED, ConnectionClosed
-        except h11.RemoteProtocolError:
-            return True  # a malformed body: the connection ends anyway
 
 
 def _with_close(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
