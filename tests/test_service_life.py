@@ -36,6 +36,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from relayd.agentkit import AgentStats, run_agent
 from relayd.protocol import AgentConnection, Greeting, Request
+from tests.raw_http import RawClient
 from tests.support import ADMIN_KEY, Relayd, relayd_command, start_relayd, stop_all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -496,6 +497,39 @@ async def test_sigterm_drains_in_flight_requests_then_exits_zero(
             assert in_flight and in_flight[0].status_code == 200, in_flight
             assert in_flight[0].json()["content"] == "echo:in flight"
             assert agent.stats.close_code == 1001, agent.stats
+        assert await exit_code(relayd) == 0
+    assert_clean_stop(relayd)
+
+
+async def test_an_answer_during_the_drain_on_hypercorns_path_says_connection_close(
+    relayd_factory: RelaydFactory,
+) -> None:
+    """A request in flight at SIGTERM on Hypercorn's path (a chunked /api/ask) is
+    answered, and its connection then ends (Hypercorn does not recycle once
+    shutdown began): the answer says so, as relayd's own loops' answers do."""
+    relayd = relayd_factory()
+    gate = Gate(delay=2.0)
+    body = json.dumps({"content": "in flight"}).encode()
+    request = (
+        b"POST /api/ask HTTP/1.1\r\nHost: relay.example\r\nAuthorization: "
+        + ADMIN_KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            agent = await start_agent(nursery, relayd, gate)
+            client = RawClient(await trio.open_tcp_stream("127.0.0.1", relayd.port))
+            await client.send(request)
+            await gate.received.wait()
+            relayd.signal(signal.SIGTERM)
+            await notification(relayd, "STOPPING=1")
+            response = await client.response()
+            assert response.status == 200, response
+            assert response.header(b"connection") == b"close", response.headers
+            assert await client.rest() == b""
+            await client.aclose()
+            await gone(agent, relayd)
         assert await exit_code(relayd) == 0
     assert_clean_stop(relayd)
 

@@ -316,7 +316,10 @@ class GuardedTCPServer(TCPServer):
             self._read_scope.deadline = self._linger_until
 
     async def _read_data(self) -> None:
-        _give_reason_phrases(self.protocol)
+        life = self._life
+        _give_reason_phrases(
+            self.protocol, lambda: life.stopping or self.context.terminated.is_set()
+        )
         if self._client is not None:  # named by a PROXY header: Hypercorn's scopes too
             self.protocol.protocol.client = self._client
         # Hypercorn's loop, with the idle deadline on the read instead of a timer task.
@@ -395,6 +398,10 @@ class _ReasonedConnection(h11.Connection):
     Hypercorn sends none, and relayd's own loops do; clients and people
     reading ``curl -i`` expect one.
 
+    A response that starts once the server is shutting down says so too: the
+    connection ends after it (Hypercorn does not recycle after its
+    termination, and an idle connection closes at once after SIGTERM).
+
     A response that starts before the request's body has been read to its
     end (a refusal that did not wait for it, or waited and gave up) says
     ``Connection: close``: Hypercorn recycles a connection only if the
@@ -408,11 +415,14 @@ class _ReasonedConnection(h11.Connection):
     first (``relayd.api``'s ``drop_body``, ``JsonEndpoint._discard_body``).
     """
 
+    # Whether the server is shutting down: a connection then ends after its answer.
+    closing: Callable[[], bool] = staticmethod(lambda: False)
+
     def send_with_data_passthrough(self, event: h11.Event) -> list[bytes] | None:
         if isinstance(event, h11.Response | h11.InformationalResponse):
             close = (
                 isinstance(event, h11.Response)
-                and self.their_state is h11.SEND_BODY
+                and (self.their_state is h11.SEND_BODY or self.closing())
                 and not _says_close(event.headers)
             )
             if close or not event.reason:
@@ -445,15 +455,17 @@ def _says_close(headers: Sequence[tuple[bytes, bytes]]) -> bool:
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 
 
-def _give_reason_phrases(wrapper: Any) -> None:
+def _give_reason_phrases(wrapper: Any, closing: Callable[[], bool]) -> None:
     """Swap the fresh h11 connection of a new HTTP/1.1 protocol for a
     :class:`_ReasonedConnection` (before any byte has been fed to it)."""
     protocol = getattr(wrapper, "protocol", None)
     if isinstance(protocol, H11Protocol) and type(protocol.connection) is h11.Connection:
         fresh = protocol.connection
-        protocol.connection = _ReasonedConnection(
+        reasoned = _ReasonedConnection(
             h11.SERVER, max_incomplete_event_size=fresh._max_incomplete_event_size
         )
+        reasoned.closing = closing
+        protocol.connection = reasoned
 
 
 def _bind_each(config: Config) -> list[socket.socket]:
