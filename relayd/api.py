@@ -20,7 +20,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import trio
-from quart import Quart, Response, g, request
+from quart import Quart, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -131,14 +131,12 @@ def create_app(state: RelayState) -> Quart:
 
     async def drop_body() -> None:
         """Read and drop the body of a request refused before it (bounded: the
-        refusal must not wait on a slow client). If it did not come whole, the
-        answer says ``Connection: close``: the connection cannot carry another."""
-        whole = False
+        refusal must not wait on a slow client), so that the connection can
+        carry the next request. If it did not come whole, the front's h11
+        connection adds ``Connection: close`` to the answer (relayd.front.server):
+        the connection cannot carry another."""
         with trio.move_on_after(DISCARD_WAIT), contextlib.suppress(HTTPException):
             await request.get_data(cache=False)
-            whole = True
-        if not whole:
-            g.relayd_close = True
 
     async def admin_body() -> dict[str, Any]:
         """The JSON body of an admin POST, the admin key checked.
@@ -165,8 +163,6 @@ def create_app(state: RelayState) -> Quart:
             response = v1_error(status, error.message, error.retry_after)
         else:
             response = error_response(status, error.message, error.retry_after)
-        if g.get("relayd_close"):
-            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(HTTPException)
@@ -194,8 +190,6 @@ def create_app(state: RelayState) -> Quart:
             for name, value in error.get_headers():
                 if name.lower() == "allow":
                     response.headers["Allow"] = value
-        if g.get("relayd_close"):
-            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(Exception)

@@ -144,14 +144,13 @@ class AskConnection:
     async def _serve(self, nursery: trio.Nursery) -> HandBack | None:
         while not self._over:
             head = await self._next_head()
-            if isinstance(head, AskHead):
-                self._endpoint = self._endpoints[head.path]
-                self._address = self._endpoint.client_address(self._peer, head.forwarded_for)
+            if head is None:
+                return None
             if not isinstance(head, AskHead):
-                if head is None:
-                    return None
                 log.debug("connection handed to Hypercorn: remote=%s", _remote(self._client))
                 return HandBack(head, self._idle_since)
+            self._endpoint = self._endpoints[head.path]
+            self._address = self._endpoint.client_address(self._peer, head.forwarded_for)
             caller: Caller | None = None
             if len(self._inbox) < head.end:
                 # The body is still on its way: check the credentials first, as

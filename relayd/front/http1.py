@@ -41,6 +41,7 @@ __all__ = [
     "may_be_ask",
     "parse_ask_head",
     "response_bytes",
+    "says_close",
 ]
 
 # Longest request head read for a Takeover to decide on (h11's and Hypercorn's
@@ -107,6 +108,11 @@ def _request_line(buffer: bytes | bytearray) -> bytes | None:
     raise NotPlainAsk
 
 
+def says_close(connection: bytes) -> bool:
+    """Whether a ``Connection`` header's value holds the ``close`` option."""
+    return b"close" in (token.strip().lower() for token in connection.split(b","))
+
+
 def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
     """The request head at the start of ``buffer``, or None if it is not complete yet.
 
@@ -155,7 +161,7 @@ def parse_ask_head(buffer: bytes | bytearray, max_body: int) -> AskHead | None:
         elif name == b"host":
             hosts += 1
         elif name == b"connection":
-            keep_alive &= b"close" not in (token.strip().lower() for token in value.split(b","))
+            keep_alive &= not says_close(value)
         elif name == b"accept":
             event_stream |= b"text/event-stream" in value.lower()
         elif name == b"x-forwarded-for":

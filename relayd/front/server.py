@@ -80,6 +80,7 @@ from hypercorn.utils import (
     wrap_app,
 )
 
+from relayd.front.http1 import says_close
 from relayd.front.sockets import (
     RECEIVE_SIZE,
     ConnectionTerms,
@@ -185,16 +186,14 @@ class GuardedTCPServer(TCPServer):
                 stream: trio.abc.Stream = self.stream
                 proxies = self._proxy_protocol()
                 if proxies is not None and proxies.trusts(self._peer()[0]):
-                    if isinstance(stream, trio.SSLStream):  # the header is in the clear
-                        data = await self._take_proxy_header(stream.transport_stream)
-                        if data is None:
-                            return None
+                    # In the clear: on TLS, from the socket, before the handshake.
+                    raw = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+                    data = await self._take_proxy_header(raw)
+                    if data is None:
+                        return None
+                    if isinstance(stream, trio.SSLStream):
                         stream = self.stream = replayed(stream, data)
                         data = b""
-                    else:
-                        data = await self._take_proxy_header(stream)
-                        if data is None:
-                            return None
                 if isinstance(stream, trio.SSLStream) and not await handshake(stream):
                     return None
                 if not data:
@@ -224,6 +223,10 @@ class GuardedTCPServer(TCPServer):
                     self._client = header.client
                 return data[header.length :]
 
+    def _closing(self) -> bool:
+        """The server is shutting down: a connection ends after its answer."""
+        return self._life.stopping or self.context.terminated.is_set()
+
     def _peer(self) -> tuple[str, int]:
         """The address of the socket's peer (a proxy, perhaps)."""
         stream: trio.abc.Stream = self.stream
@@ -240,13 +243,12 @@ class GuardedTCPServer(TCPServer):
         stream: trio.abc.Stream = self.stream
         client = self._client or self._peer()
         assert self._idle_since is not None  # no request has started yet
-        life = self._life
         terms = ConnectionTerms(
             self._writes,
             self.config.keep_alive_timeout,
-            lambda: life.stopping or self.context.terminated.is_set(),
+            self._closing,
             self._idle_since,
-            life,
+            self._life,
         )
         for takeover in wanting:
             served = takeover.server_for(head, stream, client, terms)
@@ -316,10 +318,7 @@ class GuardedTCPServer(TCPServer):
             self._read_scope.deadline = self._linger_until
 
     async def _read_data(self) -> None:
-        life = self._life
-        _give_reason_phrases(
-            self.protocol, lambda: life.stopping or self.context.terminated.is_set()
-        )
+        _give_reason_phrases(self.protocol, self._closing)
         if self._client is not None:  # named by a PROXY header: Hypercorn's scopes too
             self.protocol.protocol.client = self._client
         # Hypercorn's loop, with the idle deadline on the read instead of a timer task.
@@ -423,7 +422,10 @@ class _ReasonedConnection(h11.Connection):
             close = (
                 isinstance(event, h11.Response)
                 and (self.their_state is h11.SEND_BODY or self.closing())
-                and not _says_close(event.headers)
+                and not any(
+                    name.lower() == b"connection" and says_close(value)
+                    for name, value in event.headers
+                )
             )
             if close or not event.reason:
                 event = type(event)(
@@ -443,13 +445,6 @@ def _with_close(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
         (name, value + b", close") if name.lower() == b"connection" else (name, value)
         for name, value in headers
     ]
-
-
-def _says_close(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    return any(
-        name.lower() == b"connection" and b"close" in (t.strip() for t in value.lower().split(b","))
-        for name, value in headers
-    )
 
 
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
